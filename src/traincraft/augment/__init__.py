@@ -1,0 +1,7 @@
+"""Batched on-device augmentation built on kornia."""
+
+from traincraft.augment.presets import digits
+
+PRESETS = {"digits": digits}
+
+__all__ = ["PRESETS", "digits"]
