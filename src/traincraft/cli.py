@@ -82,9 +82,24 @@ class TraincraftCLI(LightningCLI):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
 
+def _root_cause(error: BaseException) -> BaseException:
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return error
+
+
 def main(args: Optional[ArgsType] = None) -> None:
-    """Entry point of the ``traincraft`` console script."""
-    TraincraftCLI(args=args if args is not None else sys.argv[1:])
+    """Entry point of the ``traincraft`` console script.
+
+    Configuration errors found while building the model, data or trainer (an unknown model name, a
+    ``num_classes`` that does not match the data, ...) end the program with their own message and exit status 2
+    instead of jsonargparse's nested traceback.
+    """
+    try:
+        TraincraftCLI(args=args)
+    except (ValueError, TypeError) as error:
+        print(f"traincraft: error: {_root_cause(error)}", file=sys.stderr)
+        raise SystemExit(2) from error
 
 
 if __name__ == "__main__":

@@ -59,11 +59,12 @@ class WandbLogger(_LightningWandbLogger):
         **kwargs: Any,
     ) -> None:
         Path(save_dir).mkdir(parents=True, exist_ok=True)
+        self.offline_mode = wandb_should_be_offline(offline)
         super().__init__(
             name=name,
             save_dir=save_dir,
             project=project,
-            offline=wandb_should_be_offline(offline),
+            offline=self.offline_mode,
             log_model=log_model,
             **kwargs,
         )

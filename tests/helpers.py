@@ -1,0 +1,91 @@
+"""Shared test helpers: small trainers, host-sync counting, reading W&B offline run files."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextmanager
+def count_host_syncs(counter: dict[str, int], enabled: list[bool]) -> Iterator[None]:
+    """Count calls of tensor methods that copy values to the host while ``enabled[0]`` is true.
+
+    Calls made by ``torch.optim`` itself are not counted: without ``capturable=True`` its step counters are host
+    tensors on every device, so reading them copies nothing from an accelerator.
+    """
+    originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+    optim_dir = str(Path(torch.optim.__file__).parent)
+
+    def wrap(name, original):
+        def counted(self, *args, **kwargs):
+            if enabled[0] and not sys._getframe(1).f_code.co_filename.startswith(optim_dir):
+                counter[name] = counter.get(name, 0) + 1
+            return original(self, *args, **kwargs)
+
+        return counted
+
+    for name, original in originals.items():
+        setattr(torch.Tensor, name, wrap(name, original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+
+
+def tiny_trainer(**kwargs) -> pl.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    defaults.update(kwargs)
+    return pl.Trainer(**defaults)
+
+
+def read_wandb_records(run_dir: Path) -> list:
+    """Parse the protobuf records of an offline W&B run file (``run-*.wandb``, LevelDB log format)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(run_dir).glob("*.wandb")
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B", "not a W&B run file"
+    block, pos, chunk, records = 32768, 7, b"", []
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # block trailer too short for a header: padding
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            break
+        chunk += raw[pos : pos + length]
+        pos += length
+        if kind in (1, 4):  # FULL or LAST piece of a record
+            record = pb.Record()
+            record.ParseFromString(chunk)
+            records.append(record)
+            chunk = b""
+    return records
+
+
+def wandb_history(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for record in read_wandb_records(run_dir):
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
+    return rows
