@@ -12,6 +12,7 @@ os.environ["WANDB_MODE"] = "offline"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.setdefault("PYTHONHASHSEED", "0")
+os.environ["JSONARGPARSE_DEPRECATION_WARNINGS"] = "off"
 
 
 @pytest.fixture(autouse=True)
