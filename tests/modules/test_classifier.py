@@ -97,8 +97,8 @@ def test_per_layer_learning_rates_are_named_groups_that_schedulers_scale():
     trainer.fit(clf, datamodule=_digits())
     lrs = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
     assert lrs == pytest.approx({"default": 0.025, "blocks.0.*": 0.075, "head.*": 0.0125})
-    header = (logger.log_dir + "/metrics.csv")
-    assert "lr-SGD/head.*" in open(header).readline()
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        assert "lr-SGD/head.*" in f.readline()
 
 
 def test_lr_multiplier_patterns_that_match_nothing_are_rejected():

@@ -15,7 +15,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from traincraft._steps import is_logging_step
-from traincraft.models import build_model, model_accepts
+from traincraft.models import build_model
 from traincraft.modules.param_groups import apply_lr_multipliers, layerwise_param_groups
 
 _RNG_KEY = "traincraft_rng_states"
@@ -171,8 +171,9 @@ class ImageClassifier(pl.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
         for suffix in ("acc", "acc_top5"):
-            metric = self.metrics[f"{stage}_{suffix}"] if f"{stage}_{suffix}" in self.metrics else None
-            if metric is not None:
+            key = f"{stage}_{suffix}"
+            if key in self.metrics:
+                metric = self.metrics[key]
                 metric(logits.detach(), targets)
                 self.log(f"{stage}/{suffix}", metric, on_step=on_step, on_epoch=True, prog_bar=suffix == "acc")
         return loss
