@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Optional
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -97,6 +98,9 @@ def main(args: Optional[ArgsType] = None) -> None:
     """
     try:
         TraincraftCLI(args=args)
+        # Under DDP on gloo an undestroyed process group can abort the process at interpreter shutdown.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     except (ValueError, TypeError) as error:
         print(f"traincraft: error: {_root_cause(error)}", file=sys.stderr)
         raise SystemExit(2) from error

@@ -169,7 +169,10 @@ class ImageClassifier(pl.LightningModule):
             )
         loss = self.compute_loss(logits, targets)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets))
+        # Evaluation losses are averaged over all ranks; the training loss stays per rank (a reduction on every
+        # step would be a collective per step). The accuracy metrics synchronize themselves at compute.
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(targets),
+                 sync_dist=not on_step)
         for suffix in ("acc", "acc_top5"):
             key = f"{stage}_{suffix}"
             if key in self.metrics:
