@@ -1,3 +1,17 @@
 """Callbacks for ``Trainer(callbacks=[...])``: one public callback per file."""
 
-__all__: list[str] = []
+from traincraft.callbacks.covariate_shift import CovariateShiftMonitor
+from traincraft.callbacks.curvature import CurvatureMonitor
+from traincraft.callbacks.data_drift import DataDriftMonitor
+from traincraft.callbacks.gradient_clipping import GradientClipping
+from traincraft.callbacks.lr_governor import LearningRateGovernor
+from traincraft.callbacks.lr_monitor import LearningRateMonitor
+
+__all__ = [
+    "CovariateShiftMonitor",
+    "CurvatureMonitor",
+    "DataDriftMonitor",
+    "GradientClipping",
+    "LearningRateGovernor",
+    "LearningRateMonitor",
+]

@@ -1,5 +1,26 @@
-"""Strategies for ``Trainer(strategy=...)`` and the communication accounting they share."""
+"""Strategies for ``Trainer(strategy=...)`` and the communication accounting they share.
 
+Importing this package (``import traincraft`` does) registers the strategies' string names with Lightning, so
+``Trainer(strategy="traincraft_ddp_powersgd")`` works.
+"""
+
+from lightning.pytorch.strategies import StrategyRegistry
+
+from traincraft.strategies._registry import register_strategies as _register_strategies
+from traincraft.strategies.column_parallel import ColumnParallelStrategy, export_state_dict, register_column_parallel
 from traincraft.strategies.communication import COLLECTIVES, CommunicationLedger, payload_bytes, wire_bytes
+from traincraft.strategies.data_parallel import DataParallelStrategy
 
-__all__ = ["COLLECTIVES", "CommunicationLedger", "payload_bytes", "wire_bytes"]
+_register_strategies(StrategyRegistry)
+register_column_parallel(StrategyRegistry)  # Trainer(strategy="column_parallel")
+
+__all__ = [
+    "COLLECTIVES",
+    "ColumnParallelStrategy",
+    "CommunicationLedger",
+    "DataParallelStrategy",
+    "export_state_dict",
+    "payload_bytes",
+    "register_column_parallel",
+    "wire_bytes",
+]

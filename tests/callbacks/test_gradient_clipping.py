@@ -1,0 +1,388 @@
+"""GradientClipping through a real Trainer: every mode against a plain-torch reference, the non-finite guard leaves
+weights and optimizer state bit-identical, no host sync outside logging steps, logging, checkpoints, refusals."""
+
+import copy
+import csv
+import functools
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch import LightningModule, seed_everything
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+
+from tests.helpers import count_host_syncs, tiny_trainer
+from traincraft.callbacks.gradient_clipping import GradientClipping
+from traincraft.data import DigitsDataModule
+from traincraft.modules import ImageClassifier
+
+
+def _model(optimizer=None, **kwargs):
+    optimizer = optimizer or functools.partial(torch.optim.SGD, lr=0.5, momentum=0.9)
+    return ImageClassifier("mlp", num_classes=10, in_channels=1, input_size=8, optimizer=optimizer,
+                           model_kwargs={"hidden": [32, 16], **kwargs})
+
+
+def _fit(callbacks, model=None, steps=6, log_every=50, logger=False, **kwargs):
+    model = model or _model()
+    trainer = tiny_trainer(max_steps=steps, log_every_n_steps=log_every, limit_val_batches=0, logger=logger,
+                           callbacks=callbacks, **kwargs)
+    trainer.fit(model, datamodule=DigitsDataModule(image_size=8, batch_size=32))
+    return trainer, model
+
+
+class Grads(Callback):
+    """Records parameters and gradients where it sits in the callback list (before or after the clipper)."""
+
+    def __init__(self):
+        self.grads, self.params = [], []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # None where a skipped step's gradients were dropped (skip_method="sync")
+        self.grads.append([None if p.grad is None else p.grad.detach().clone() for p in pl_module.parameters()])
+        self.params.append([p.detach().clone() for p in pl_module.parameters()])
+
+
+def _global(grads, p=2.0):
+    return torch.linalg.vector_norm(torch.cat([g.flatten().double() for g in grads]), p)
+
+
+def _torch_clip(grads, max_norm, p=2.0):
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for param, g in zip(params, grads, strict=True):
+        param.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type=p)
+    return [param.grad for param in params]
+
+
+def _scale(grads, threshold):
+    coef = min(1.0, threshold / (float(_global(grads)) + 1e-6))
+    return [g * coef for g in grads]
+
+
+def _zclip_reference(norms, z, decay, warmup):
+    """ZClip as published: warm-up moments from the first norms, then EMA of the clipped norm."""
+    thresholds, warm = [], []
+    mean = var = 0.0
+    for step, n in enumerate(norms):
+        if step < warmup:
+            warm.append(n)
+            mean, var = float(np.mean(warm)), float(np.var(warm))
+            thresholds.append(math.inf)
+            continue
+        thr = mean + z * math.sqrt(var)
+        thresholds.append(thr)
+        x = min(n, thr)
+        mean = decay * mean + (1 - decay) * x
+        var = decay * var + (1 - decay) * (x - mean) ** 2
+    return thresholds
+
+
+def _agc_reference(params, grads, clipping, eps, excluded):
+    out = []
+    for i, (w, g) in enumerate(zip(params, grads, strict=True)):
+        g = g.clone()
+        if i not in excluded:
+            rows_w, rows_g = (w.reshape(w.shape[0], -1), g.view(g.shape[0], -1)) if w.ndim > 1 else (
+                w.reshape(1, -1), g.view(1, -1))
+            for r in range(rows_w.shape[0]):
+                max_norm = max(float(rows_w[r].norm()), eps) * clipping
+                if float(rows_g[r].norm()) > max_norm:
+                    rows_g[r] *= max_norm / max(float(rows_g[r].norm()), 1e-6)
+        out.append(g)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["norm", "norm_inf", "norm_layer", "value", "agc", "quantile", "zscore"])
+def test_each_mode_equals_a_plain_torch_reference(mode):
+    kwargs = {
+        "norm": dict(mode="norm", threshold=0.3),
+        "norm_inf": dict(mode="norm", threshold=0.02, norm_type=math.inf),
+        "norm_layer": dict(mode="norm", threshold=0.1, per_layer=True),
+        "value": dict(mode="value", threshold=0.005),
+        "agc": dict(mode="agc", agc_clipping=0.02),
+        "quantile": dict(mode="quantile", quantile=0.3, history_size=4),
+        "zscore": dict(mode="zscore", z_threshold=0.05, ema_decay=0.3, warmup_steps=2),
+    }[mode]
+    raw, post = Grads(), Grads()
+    _fit([raw, GradientClipping(**kwargs), post], steps=9)
+    norms = [float(_global(g)) for g in raw.grads]
+    thresholds = {
+        "quantile": [float(np.percentile(norms[max(0, t - 3): t + 1], 30)) for t in range(len(norms))],
+        "zscore": _zclip_reference(norms, 0.05, 0.3, 2),
+    }.get(mode)
+    clipped_any = False
+    for step, (g, w) in enumerate(zip(raw.grads, raw.params, strict=True)):
+        if mode in ("norm", "norm_inf"):
+            ref = _torch_clip(g, kwargs["threshold"], kwargs.get("norm_type", 2.0))
+        elif mode == "norm_layer":
+            ref = [_torch_clip([t], 0.1)[0] for t in g]
+        elif mode == "value":
+            ref = [t.clamp(-0.005, 0.005) for t in g]
+        elif mode == "agc":
+            ref = _agc_reference(w, g, 0.02, 1e-3, excluded={len(g) - 2, len(g) - 1})  # head.weight, head.bias
+        else:
+            ref = _scale(g, thresholds[step])
+        clipped_any |= any(not torch.equal(a, b) for a, b in zip(ref, g, strict=True))
+        for ours, expected in zip(post.grads[step], ref, strict=True):
+            torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-9)
+    assert clipped_any  # the reference did clip: the comparison is not vacuous
+
+
+def _poison(steps):
+    class Poison(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step in steps:
+                next(pl_module.parameters()).grad.view(-1)[0] = math.nan
+
+    return Poison()
+
+
+class Snapshots(Callback):
+    """Weights and optimizer state before and after each step."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    def _take(self, trainer, pl_module):
+        state = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
+        return [p.detach().clone() for p in pl_module.parameters()], state
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.before.append(self._take(trainer, pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.after.append(self._take(trainer, pl_module))
+
+
+def _same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].keys() == b[k].keys()
+        for name in a[k]:
+            assert torch.equal(torch.as_tensor(a[k][name]), torch.as_tensor(b[k][name])), (k, name)
+
+
+OPTIMIZERS = {
+    "sgd_momentum": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9),
+    "adam": functools.partial(torch.optim.Adam, lr=1e-2),
+    "adam_foreach": functools.partial(torch.optim.Adam, lr=1e-2, foreach=True),
+    "sgd_momentum_fused": functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, fused=True),
+    "adamw_fused": functools.partial(torch.optim.AdamW, lr=1e-2, fused=True),
+}
+
+
+@pytest.mark.parametrize("optimizer, method", [
+    ("sgd_momentum", "auto"), ("adam", "auto"), ("sgd_momentum", "snapshot"), ("adam_foreach", "snapshot"),
+    ("sgd_momentum_fused", "auto"), ("adamw_fused", "auto"),
+])
+def test_a_non_finite_step_leaves_weights_and_optimizer_state_bit_identical(optimizer, method):
+    snaps = Snapshots()
+    clip = GradientClipping(mode="norm", threshold=1.0, skip_method=method)
+    trainer, _ = _fit([_poison({0, 3}), clip, snaps], model=_model(OPTIMIZERS[optimizer]), steps=6)
+    if method == "auto":  # on the CPU, a non-fused optimizer reads the flag: a memory load, no device sync
+        assert clip._method == ("found_inf" if "fused" in optimizer else "sync")
+    for step in (0, 3):  # the first step (state not yet created) and a later one
+        before, after = snaps.before[step], snaps.after[step]
+        assert all(torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
+        _same_state(before[1], after[1])
+    assert not snaps.after[0][1]  # the skipped first step created no optimizer state
+    for step in (1, 4):  # healthy steps still move the weights
+        assert not torch.equal(snaps.before[step][0][0], snaps.after[step][0][0])
+    assert int(clip.state_dict()["tensors"]["skipped"]) == 2
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+def _quiet_step_syncs(clip, model, steps=8, every=4):
+    counts, enabled, current = {}, [False], {}
+
+    class Start(Callback):
+        def on_train_batch_start(self, *args):
+            current.clear()
+            enabled[0] = True
+
+    class Stop(Callback):
+        def on_train_batch_end(self, trainer, *args):
+            enabled[0] = False
+            counts[trainer.global_step] = dict(current)
+
+    with count_host_syncs(current, enabled):
+        _fit([Start(), clip, Stop()], model=model, steps=steps, log_every=every, logger=CSVLogger(".", name="s"))
+    assert len(counts) == steps
+    return counts
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(), dict(mode="value", threshold=0.01), dict(mode="agc"), dict(mode="quantile", log_layer_norms=True),
+    dict(mode="zscore", warmup_steps=2, per_layer=True, skip_spikes=True, log_depth_profile=True),
+], ids=["norm", "value", "agc", "quantile", "zscore"])
+def test_no_host_sync_on_non_logging_steps(kwargs):
+    # the skip method that auto picks for non-fused optimizers on GPUs (on the CPU it picks "sync")
+    counts = _quiet_step_syncs(GradientClipping(skip_method="snapshot", **kwargs), _model(torch.optim.AdamW))
+    # the snapshot skip method undoes the optimizer's state creation on the first step: one scalar read, documented
+    assert counts[1] == {"item": 1}
+    quiet = {step: c for step, c in counts.items() if step % 4 != 0 and step != 1}
+    assert quiet and all(not c for c in quiet.values()), quiet
+    assert counts[4] and counts[8]  # the logging steps do copy (the counter works)
+
+
+@pytest.mark.parametrize("method", ["found_inf", "sync"])
+def test_host_syncs_of_the_other_skip_methods(method):
+    counts = _quiet_step_syncs(GradientClipping(skip_method=method),
+                               _model(functools.partial(torch.optim.AdamW, fused=True)))
+    quiet = {step: c for step, c in counts.items() if step % 4 != 0}
+    if method == "found_inf":  # the fused kernel skips on a device flag: only the state-creating first step reads
+        assert counts[1] == {"item": 1} and all(not c for s, c in quiet.items() if s != 1), quiet
+    else:  # one scalar per step, as documented
+        assert all(c == {"item": 1} for c in quiet.values()), quiet
+
+
+def _metrics(tmp_dir="."):
+    (path,) = Path(tmp_dir).rglob("metrics.csv")
+    with open(path) as f:
+        return [row for row in csv.DictReader(f)]
+
+
+def test_logged_keys_and_values_match_the_recorded_gradients():
+    raw = Grads()
+    clip = GradientClipping(mode="norm", threshold=0.3, log_layer_norms=True, log_depth_profile=True)
+    _fit([_poison({5}), raw, clip], steps=8, log_every=4, logger=CSVLogger(".", name="log"))
+    rows = [r for r in _metrics() if r.get("grad/norm_pre")]
+    assert [int(r["step"]) for r in rows] == [3, 7]
+    names = [n for n, _ in _model().named_parameters()]
+    for row, step in zip(rows, (3, 7), strict=True):
+        pre = float(_global(raw.grads[step]))
+        assert math.isclose(float(row["grad/norm_pre"]), pre, rel_tol=1e-5)
+        assert math.isclose(float(row["grad/norm_post"]), min(pre, 0.3), rel_tol=1e-5)
+        assert math.isclose(float(row["grad/clip_coef"]), min(1.0, 0.3 / pre), rel_tol=1e-4)
+        assert float(row["grad/threshold"]) == pytest.approx(0.3)
+        for name, g in zip(names, raw.grads[step], strict=True):
+            assert math.isclose(float(row[f"grad/norm/{name}"]), float(g.norm()), rel_tol=1e-5)
+        weights = [g.norm() for n, g in zip(names, raw.grads[step], strict=True) if g.ndim >= 2][::-1]
+        slope = np.polyfit(np.arange(len(weights)), np.log([float(w) for w in weights]), 1)[0]
+        assert math.isclose(float(row["grad/depth_slope"]), slope, rel_tol=1e-4)
+    clipped = [float(_global(g)) > 0.3 for g in raw.grads]
+    assert float(rows[0]["grad/clipped_frac"]) == pytest.approx(sum(clipped[:4]) / 4)
+    assert float(rows[1]["grad/clipped_frac"]) == pytest.approx((sum(clipped[4:]) - clipped[5]) / 4)  # 5 skipped
+    assert [float(r["grad/skipped_steps"]) for r in rows] == [0, 1]
+
+
+@pytest.mark.parametrize("method", ["snapshot", "sync"])
+def test_consecutive_skips_raise_with_an_explanation(method):
+    clip = GradientClipping(max_consecutive_skips=3, skip_method=method)
+    with pytest.raises(RuntimeError, match=r"skipped \d+ optimizer steps in a row \(limit max_consecutive_skips=3\)"):
+        _fit([_poison(set(range(2, 20))), clip], steps=20, log_every=4 if method == "snapshot" else 50)
+
+
+def test_consecutive_skips_restore_the_last_healthy_snapshot():
+    snaps = Snapshots()
+    clip = GradientClipping(max_consecutive_skips=2, on_consecutive_skips="restore", skip_method="snapshot")
+    _fit([_poison({4, 5, 6, 7}), clip, snaps], steps=10, log_every=4)
+    # healthy logging step 3 took the snapshot (weights before its update); step 7 (a logging step) restored it
+    healthy = snaps.before[3]
+    assert all(torch.equal(a, b) for a, b in zip(healthy[0], snaps.after[7][0], strict=True))
+    _same_state(healthy[1], snaps.after[7][1])
+    assert not torch.equal(snaps.after[9][0][0], healthy[0][0])  # and training goes on
+    with pytest.raises(RuntimeError, match="No healthy snapshot"):  # a second streak with no new snapshot
+        _fit([_poison(set(range(4, 20))), GradientClipping(max_consecutive_skips=2, on_consecutive_skips="restore")],
+             steps=20, log_every=4)
+
+
+def test_skip_spikes_skips_instead_of_clipping():
+    snaps, raw = Snapshots(), Grads()
+    _fit([raw, GradientClipping(threshold=0.3, skip_spikes=True, max_consecutive_skips=None), snaps], steps=6)
+    for step, g in enumerate(raw.grads):
+        moved = not torch.equal(snaps.before[step][0][0], snaps.after[step][0][0])
+        assert moved == (float(_global(g)) <= 0.3)
+    assert any(float(_global(g)) > 0.3 for g in raw.grads)
+
+
+def test_refuses_trainer_gradient_clip_val():
+    with pytest.raises(ValueError, match="remove gradient_clip_val"):
+        _fit([GradientClipping()], gradient_clip_val=1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(mode="l2"), "not one of"), (dict(threshold=0.0), "positive finite"), (dict(norm_type=-1.0), "norm_type"),
+    (dict(mode="agc", per_layer=True), "drop per_layer"), (dict(mode="agc", skip_spikes=True), "skip_spikes"),
+    (dict(quantile=10.0), r"\[0, 1\]"), (dict(ema_decay=1.0), "ZClip uses"), (dict(skip_method="x"), "skip_method"),
+    (dict(max_consecutive_skips=0), "max_consecutive_skips"),
+])
+def test_bad_configuration_is_rejected_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientClipping(**kwargs)
+
+
+def test_found_inf_needs_a_fused_optimizer():
+    with pytest.raises(ValueError, match="fused=True"):
+        _fit([GradientClipping(skip_method="found_inf")], steps=1)
+
+
+def test_resume_keeps_thresholds_and_histories(tmp_path):
+    def run(epochs, ckpt=None, save=None):
+        seed_everything(0)
+        clip = GradientClipping(mode="zscore", warmup_steps=3, history_size=5)
+        model = _model()
+        trainer = tiny_trainer(max_epochs=epochs, limit_train_batches=3, limit_val_batches=0, callbacks=[clip])
+        trainer.fit(model, datamodule=DigitsDataModule(image_size=8, batch_size=32), ckpt_path=ckpt)
+        if save:
+            trainer.save_checkpoint(save)
+        return clip, model
+
+    straight, model_a = run(3)
+    run(2, save=tmp_path / "two.ckpt")
+    resumed, model_b = run(3, ckpt=tmp_path / "two.ckpt")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a["steps"] == b["steps"] == 9
+    for key in a["tensors"]:
+        torch.testing.assert_close(a["tensors"][key], b["tensors"][key], equal_nan=True, rtol=0, atol=0)
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters(), strict=True))
+
+
+class Manual(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(torch.nn.functional.mse_loss(self.net(batch[0]), batch[1]) * 100)
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(64, 4, generator=g), torch.randn(64, 1, generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=16)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_manual_optimization_and_bf16_are_clipped_and_guarded(precision):
+    raw, post, snaps = Grads(), Grads(), Snapshots()
+    trainer = tiny_trainer(max_steps=4, callbacks=[_poison({2}), raw, GradientClipping(threshold=0.5), post, snaps],
+                           precision=precision)
+    trainer.fit(Manual())
+    assert len(post.grads) == 4
+    for step in (0, 1, 3):
+        assert float(_global(raw.grads[step])) > 0.5
+        torch.testing.assert_close(post.grads[step], _torch_clip(raw.grads[step], 0.5), rtol=1e-5, atol=1e-9)
+    assert all(torch.equal(a, b) for a, b in zip(snaps.before[2][0], snaps.after[2][0], strict=True))
+    _same_state(snaps.before[2][1], snaps.after[2][1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("optimizer", ["adam", "adamw_fused"])
+def test_a_non_finite_step_is_skipped_bit_identically_on_gpu(optimizer):
+    snaps = Snapshots()
+    _fit([_poison({0, 3}), GradientClipping(), snaps], model=_model(OPTIMIZERS[optimizer]), steps=5,
+         accelerator="gpu")
+    for step in (0, 3):
+        assert all(torch.equal(a, b) for a, b in zip(snaps.before[step][0], snaps.after[step][0], strict=True))
+        _same_state(snaps.before[step][1], snaps.after[step][1])
