@@ -155,3 +155,32 @@ def test_the_saved_config_reproduces_the_run():
     again = TraincraftCLI(args=["fit", f"--config={saved}", "--trainer.max_steps=1", "--trainer.logger=false"])
     assert type(again.model.model).__name__ == "MLP"
     assert json.dumps(again.model.hparams["model_kwargs"]) == json.dumps({"hidden": [64], "dropout": 0.2})
+
+
+def test_the_model_input_size_follows_a_crop_in_the_augmentation(tmp_path):
+    """An image folder stored at 40 px and scale-jittered to 32 px crops: the model is built for 32 px."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for label in ("cat", "dog"):
+        (tmp_path / "images" / "train" / label).mkdir(parents=True)
+        for i in range(6):
+            pixels = torch.randint(0, 256, (44, 50, 3), dtype=torch.uint8, generator=g).numpy()
+            Image.fromarray(pixels).save(tmp_path / "images" / "train" / label / f"{i}.png")
+    cli = TraincraftCLI(args=[
+        "fit",
+        "--data=traincraft.data.ImageFolderDataModule",
+        f"--data.root={tmp_path / 'images'}",
+        "--data.image_size=40",
+        "--data.batch_size=4",
+        "--data.val_fraction=0.2",
+        "--data.augment={class_path: traincraft.augment.ScaleJitterCrop, init_args: {min_size: 40, max_size: 48, size: 32}}",
+        "--model.init_args.model=alexnet",
+        "--model.init_args.model_kwargs={width: 0.0625}",
+        "--trainer.max_steps=2",
+        "--trainer.limit_val_batches=1",
+        "--trainer.logger=false",
+        *QUICK,
+    ])
+    assert cli.datamodule.model_input_size == 32 and cli.model.model.input_size == 32
+    assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])

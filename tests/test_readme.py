@@ -16,12 +16,15 @@ def _block(language: str, containing: str) -> str:
 
 def test_python_quick_start_runs():
     code = _block("python", "pl.Trainer")
-    short = "pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, logger=False, enable_checkpointing=False)"
+    assert "callbacks=callbacks" in code
+    short = ("pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, callbacks=callbacks, "
+             "logger=pl.loggers.CSVLogger('.'), enable_checkpointing=False)")
     code = re.sub(r"pl\.Trainer\([^)]*\)", short, code)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert type(namespace["model"].model).__name__ == "AlexNet"
     assert namespace["model"].trainer.global_step == 2
+    assert [type(c).__name__ for c in namespace["callbacks"][:2]] == ["GradientClipping", "LearningRateMonitor"]
 
 
 def test_yaml_quick_start_runs(tmp_path):

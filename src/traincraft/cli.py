@@ -56,7 +56,7 @@ class TraincraftCLI(LightningCLI):
 
     The model is an :class:`~traincraft.modules.ImageClassifier` (or subclass) and the data any
     :class:`~traincraft.data.ImageDataModule`; the data's ``num_classes``, ``in_channels`` and ``image_size`` are
-    linked into the model. Defaults: :data:`DEFAULTS` (W&B, offline without credentials, plus CSV; best and last
+    linked into the model (``model_input_size``: the size after any crop of the augmentation). Defaults: :data:`DEFAULTS` (W&B, offline without credentials, plus CSV; best and last
     checkpoints in ``runs/checkpoints``, so ``fit --ckpt_path last`` resumes).
     """
 
@@ -79,7 +79,7 @@ class TraincraftCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults(DEFAULTS)
-        for source, target in (("num_classes", "num_classes"), ("in_channels", "in_channels"), ("image_size", "input_size")):
+        for source, target in (("num_classes", "num_classes"), ("in_channels", "in_channels"), ("model_input_size", "input_size")):
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
 

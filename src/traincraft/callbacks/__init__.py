@@ -1,5 +1,9 @@
-"""Callbacks for ``Trainer(callbacks=[...])``: one public callback per file."""
+"""Callbacks for ``Trainer(callbacks=[...])``: one public callback per file.
 
+``AugmentationGallery`` lives with the augmentation code (:mod:`traincraft.augment.gallery`) and is re-exported here.
+"""
+
+from traincraft.augment.gallery import AugmentationGallery
 from traincraft.callbacks.covariate_shift import CovariateShiftMonitor
 from traincraft.callbacks.curvature import CurvatureMonitor
 from traincraft.callbacks.data_drift import DataDriftMonitor
@@ -8,6 +12,7 @@ from traincraft.callbacks.lr_governor import LearningRateGovernor
 from traincraft.callbacks.lr_monitor import LearningRateMonitor
 
 __all__ = [
+    "AugmentationGallery",
     "CovariateShiftMonitor",
     "CurvatureMonitor",
     "DataDriftMonitor",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +26,8 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: fraction of all images held out for validation.
         test_fraction: fraction of all images held out for testing.
         split_seed: seed of the stratified split.
-        **kwargs: the loader, augmentation and normalization options of :class:`ImageDataModule`
-            (``batch_size``, ``augment``, ``seed``, ...).
+        batch_size, eval_batch_size, num_workers, pin_memory, augment, normalize, seed, drop_last, whitening,
+            whitening_scope, whitening_epsilon, statistics_cache: as in :class:`ImageDataModule`.
 
     Example:
         >>> dm = DigitsDataModule(image_size=16, batch_size=32)
@@ -51,6 +51,10 @@ class DigitsDataModule(ImageDataModule):
         normalize: bool = True,
         seed: Optional[int] = None,
         drop_last: bool = True,
+        whitening: Optional[Literal["pca", "zca"]] = None,
+        whitening_scope: Literal["channel", "image"] = "image",
+        whitening_epsilon: float = 1e-2,
+        statistics_cache: Optional[str] = None,
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -61,6 +65,10 @@ class DigitsDataModule(ImageDataModule):
             normalize=normalize,
             seed=seed,
             drop_last=drop_last,
+            whitening=whitening,
+            whitening_scope=whitening_scope,
+            whitening_epsilon=whitening_epsilon,
+            statistics_cache=statistics_cache,
         )
         if not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"image_size must be a positive integer; got {image_size!r}.")

@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
 from traincraft._steps import is_logging_step
+from traincraft.augment.tta import MultiCropAveraging
 from traincraft.models import build_model
 from traincraft.modules.param_groups import apply_lr_multipliers, layerwise_param_groups
 
@@ -44,6 +45,10 @@ class ImageClassifier(pl.LightningModule):
     ``stage/acc_top5`` top-5 accuracy (only with more than 5 classes)
     ================== ============================================================
 
+    With ``test_time_augmentation`` (a :class:`~traincraft.augment.tta.MultiCropAveraging`), validation, test and
+    prediction average the softmax over the configured views (scales, crops, mirrors); their loss is the negative
+    log-likelihood of the averaged probabilities. Training is unchanged.
+
     Made to be subclassed: override :meth:`forward`, :meth:`compute_loss` or :meth:`shared_step` to change
     one thing. The global RNG states travel in checkpoints, so a resumed single-process run continues exactly.
 
@@ -59,6 +64,7 @@ class ImageClassifier(pl.LightningModule):
         scheduler_monitor: metric that ``ReduceLROnPlateau`` watches.
         lr_multipliers: ``{glob on parameter names: multiplier}`` for per-layer learning rates.
         label_smoothing: label smoothing of the cross-entropy, in ``[0, 1)``.
+        test_time_augmentation: multi-crop / flip averaging for validation, test and prediction; ``None``: off.
 
     Example:
         >>> clf = ImageClassifier("mlp", num_classes=10, in_channels=1, input_size=8,
@@ -80,11 +86,12 @@ class ImageClassifier(pl.LightningModule):
         scheduler_monitor: str = "val/loss",
         lr_multipliers: Optional[dict[str, float]] = None,
         label_smoothing: float = 0.0,
+        test_time_augmentation: Optional[MultiCropAveraging] = None,
     ) -> None:
         super().__init__()
         # Objects are not hyperparameters: a module or an optimizer factory would not load with weights_only.
         # Under `traincraft fit` the full configuration is saved and logged by the CLI instead.
-        self.save_hyperparameters(ignore=["optimizer", "scheduler", *(["model"] if isinstance(model, nn.Module) else [])])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "test_time_augmentation", *(["model"] if isinstance(model, nn.Module) else [])])
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
         if not 0.0 <= label_smoothing < 1.0:
@@ -110,6 +117,12 @@ class ImageClassifier(pl.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.lr_multipliers = dict(lr_multipliers or {})
         self.label_smoothing = label_smoothing
+        if test_time_augmentation is not None and not isinstance(test_time_augmentation, MultiCropAveraging):
+            raise TypeError(
+                "test_time_augmentation must be a traincraft.augment.tta.MultiCropAveraging; got "
+                f"{type(test_time_augmentation).__name__}."
+            )
+        self.test_time_augmentation = test_time_augmentation
         if lr_multipliers:  # fail at construction, not at the first fit, on patterns that match nothing
             layerwise_param_groups(self.model, self.lr_multipliers)
         self.metrics = nn.ModuleDict()
@@ -161,7 +174,11 @@ class ImageClassifier(pl.LightningModule):
     def shared_step(self, batch: Any, stage: str) -> torch.Tensor:
         """Forward, loss and metrics for one batch of ``(images, labels)``; returns the loss."""
         images, targets = batch[0], batch[1]
-        logits = self(images)
+        if self.test_time_augmentation is not None and stage != "train":
+            # log of the averaged probabilities: cross-entropy of these is the NLL of the average, and top-k holds
+            logits = self.test_time_augmentation(self, images).clamp_min(1e-12).log()
+        else:
+            logits = self(images)
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ValueError(
                 f"the model returned logits of shape {tuple(logits.shape)}; expected (batch, {self.num_classes}). "
@@ -199,6 +216,8 @@ class ImageClassifier(pl.LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities (softmax) for a batch of images, or of ``(images, labels)``."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        if self.test_time_augmentation is not None:
+            return self.test_time_augmentation(self, images)
         return self(images).softmax(dim=-1)
 
     # ----------------------------------------------------------------- optimization

@@ -7,7 +7,11 @@ Importing this package (``import traincraft`` does) registers the strategies' st
 from lightning.pytorch.strategies import StrategyRegistry
 
 from traincraft.strategies._registry import register_strategies as _register_strategies
-from traincraft.strategies.column_parallel import ColumnParallelStrategy, export_state_dict, register_column_parallel
+from traincraft.strategies.column_parallel import (
+    ColumnParallelStrategy,
+    export_state_dict,
+    register_column_parallel,
+)
 from traincraft.strategies.communication import COLLECTIVES, CommunicationLedger, payload_bytes, wire_bytes
 from traincraft.strategies.data_parallel import DataParallelStrategy
 

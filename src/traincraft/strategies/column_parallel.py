@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -146,7 +145,6 @@ class ColumnParallelStrategy(DDPStrategy):
         self.mesh: Optional[ColumnMesh] = None
         self._column_group: Optional[dist.ProcessGroup] = None
         self._data_group: Optional[dist.ProcessGroup] = None
-        self._rank_is_data_rank = False
 
     # ----------------------------------------------------------------- the mesh
     @property
@@ -182,15 +180,6 @@ class ColumnParallelStrategy(DDPStrategy):
         if self.mesh is None:
             raise RuntimeError("ColumnParallelStrategy: the mesh exists once the Trainer has set up the processes.")
         return self.mesh.coords(super().global_rank)
-
-    @property
-    def global_rank(self) -> int:
-        rank = super().global_rank
-        # While a batch is moved and augmented on the device, the data rank stands in for the global rank: the
-        # DataModule seeds its augmentation with the rank, and both columns of a replica must see the same images.
-        if self._rank_is_data_rank and self.mesh is not None:
-            return self.mesh.coords(rank)[0]
-        return rank
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, Any]:
@@ -271,18 +260,6 @@ class ColumnParallelStrategy(DDPStrategy):
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # the shard holds only this rank's column, so the model must be split before loading
-
-    def batch_to_device(self, batch: Any, device: Optional[torch.device] = None, dataloader_idx: int = 0) -> Any:
-        with self._data_rank_as_global_rank():
-            return super().batch_to_device(batch, device, dataloader_idx)
-
-    @contextmanager
-    def _data_rank_as_global_rank(self):
-        self._rank_is_data_rank = True
-        try:
-            yield
-        finally:
-            self._rank_is_data_rank = False
 
     def optimizer_step(
         self,
