@@ -100,6 +100,7 @@ def main(args: Optional[ArgsType] = None) -> None:
         TraincraftCLI(args=args)
         # Under DDP on gloo an undestroyed process group can abort the process at interpreter shutdown.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
             torch.distributed.destroy_process_group()
     except (ValueError, TypeError) as error:
         print(f"traincraft: error: {_root_cause(error)}", file=sys.stderr)

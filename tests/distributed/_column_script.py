@@ -134,6 +134,7 @@ def main(out: Path) -> None:
     torch.save(result, out / f"rank{rank}.pt")
     # tear gloo down before exit: otherwise the process may abort at interpreter shutdown
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
         torch.distributed.destroy_process_group()
 
 

@@ -33,6 +33,7 @@ def main(out: Path) -> None:
     torch.save({"mean": data.mean, "std": data.std, "local_counts": local_counts, **data.statistics},
                out / f"rank{trainer.global_rank}.pt")
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
         torch.distributed.destroy_process_group()
 
 

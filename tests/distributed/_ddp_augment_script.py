@@ -38,6 +38,7 @@ def main(out: Path, seed: int, split: bool) -> None:
     trainer.fit(model, datamodule=data)
     # tear gloo down before exit: otherwise the process may abort at interpreter shutdown
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
         torch.distributed.destroy_process_group()
 
 

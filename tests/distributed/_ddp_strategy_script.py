@@ -183,6 +183,7 @@ def nodes(out: Path) -> None:
         },
         out / f"node{trainer.node_rank}.pt",
     )
+    torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
     torch.distributed.destroy_process_group()
 
 
@@ -214,6 +215,7 @@ def main(out: Path) -> None:
     torch.save(results, out / f"rank{rank}.pt")
     # tear gloo down before exit: otherwise the process may abort at interpreter shutdown
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
         torch.distributed.destroy_process_group()
 
 

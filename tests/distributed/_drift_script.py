@@ -32,6 +32,7 @@ def main(out: Path, devices: int) -> None:
                     "ks": torch.from_numpy(monitor.last["ks"].statistic)}, out / f"devices{devices}.pt")
     # tear gloo down before exit: otherwise the process may abort at interpreter shutdown
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
         torch.distributed.destroy_process_group()
 
 

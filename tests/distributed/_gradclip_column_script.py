@@ -80,15 +80,16 @@ def fit(model, strategy, devices, mode):
             "state": clip.state_dict()}
 
 
-def main(out: Path) -> None:
-    for mode in ("norm", "quantile"):  # two fits in the same two processes: the process group is reused
-        model = Net(rank=int(os.environ.get("LOCAL_RANK", 0)))
-        result = fit(model, ColumnLikeStrategy(process_group_backend="gloo"), 2, mode)
-        torch.save(result, out / f"rank{dist.get_rank()}_{mode}.pt")
+def main(out: Path, mode: str) -> None:
+    # One fit per launch: a second fit in the same processes sometimes aborted them at interpreter exit.
+    model = Net(rank=int(os.environ.get("LOCAL_RANK", 0)))
+    result = fit(model, ColumnLikeStrategy(process_group_backend="gloo"), 2, mode)
+    torch.save(result, out / f"rank{dist.get_rank()}_{mode}.pt")
     # tear gloo down before exit: otherwise the process may abort at interpreter shutdown
     if dist.is_initialized():
+        dist.barrier()  # every rank done with its collectives before gloo is torn down
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), sys.argv[2])
