@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = ("ddp", "traincraft_ddp", "traincraft_ddp_fp16", "traincraft_ddp_powersgd")
+VARIANTS = ("ddp", "traincraft_ddp", "traincraft_ddp_fp16", "traincraft_ddp_powersgd", "traincraft_ddp_accounting")
+# traincraft_ddp_accounting: byte accounting and straggler timing only (noise_scale=False), the cost of accounting.
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -42,6 +43,7 @@ def worker(args: argparse.Namespace) -> None:
     from traincraft.models import AlexNet
     from traincraft.strategies._compression import compressed_payload_bytes
     from traincraft.strategies._registry import register_strategies
+    from traincraft.strategies.data_parallel import DataParallelStrategy
 
     register_strategies(StrategyRegistry)
 
@@ -75,7 +77,8 @@ def worker(args: argparse.Namespace) -> None:
         for name in args.variants:
             clock = Clock()
             trainer = pl.Trainer(
-                accelerator="cpu", devices=2, strategy=name, max_steps=args.steps, logger=False,
+                accelerator="cpu", devices=2, max_steps=args.steps, logger=False,
+                strategy=DataParallelStrategy(noise_scale=False) if name == "traincraft_ddp_accounting" else name,
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                 callbacks=[clock], log_every_n_steps=min(10, args.steps), use_distributed_sampler=False,
             )
