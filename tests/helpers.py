@@ -10,6 +10,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import Callback
 
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 
@@ -89,3 +90,24 @@ def wandb_history(run_dir: Path) -> list[dict[str, str]]:
         if record.WhichOneof("record_type") == "history":
             rows.append({item.key or "/".join(item.nested_key): item.value_json for item in record.history.item})
     return rows
+
+
+class SyncWindow(Callback):
+    """Counts host syncs per training step, from ``on_train_batch_start`` to ``on_train_batch_end``.
+
+    Use with :func:`count_host_syncs`: ``with count_host_syncs(window.current, window.enabled): trainer.fit(...)``;
+    afterwards ``window.counts`` maps each step's ``global_step`` (counted after the step) to its calls.
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[int, dict[str, int]] = {}
+        self.current: dict[str, int] = {}
+        self.enabled = [False]
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        self.current.clear()
+        self.enabled[0] = True
+
+    def on_train_batch_end(self, trainer, *args) -> None:
+        self.enabled[0] = False
+        self.counts[trainer.global_step] = dict(self.current)

@@ -11,7 +11,7 @@ from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from tests.helpers import count_host_syncs, tiny_trainer
+from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
 from traincraft.callbacks.curvature import CurvatureMonitor
 from traincraft.data import DigitsDataModule
 from traincraft.metrics.hessian import (
@@ -98,23 +98,15 @@ def test_the_probe_does_not_disturb_training():
 
 
 def test_logged_at_logging_steps_only_and_without_host_sync_elsewhere():
-    counts, current, enabled = {}, {}, [False]
-
-    class Window(Callback):
-        def on_train_batch_start(self, trainer, *args):
-            current.clear()
-            enabled[0] = True
-
-        def on_train_batch_end(self, trainer, *args):
-            enabled[0] = False
-            counts[trainer.global_step] = dict(current)
+    window = SyncWindow()
+    counts, current, enabled = window.counts, window.current, window.enabled
 
     monitor = CurvatureMonitor(every_n_steps=3, hutchinson_samples=1)
-    # the monitor's end-of-batch hook runs before Window closes the counting window: probes are counted too
+    # the monitor's end-of-batch hook runs before SyncWindow closes the counting window: probes are counted too
     logger = CSVLogger(".", name="curv")
     seed_everything(0)
     trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, limit_val_batches=0, logger=logger,
-                           callbacks=[monitor, Window()])
+                           callbacks=[monitor, window])
     with count_host_syncs(current, enabled):
         trainer.fit(_classifier(functools.partial(torch.optim.Adam, lr=1e-3)), datamodule=DigitsDataModule(image_size=8))
     assert len(counts) == 8

@@ -6,7 +6,7 @@ from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import count_host_syncs, tiny_trainer
+from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
 from traincraft.callbacks.curvature import CurvatureMonitor
 from traincraft.callbacks.lr_governor import LearningRateGovernor
 
@@ -134,19 +134,11 @@ def test_factor_is_checkpointed_and_resumed(tmp_path):
 
 
 def test_no_host_sync_on_non_logging_steps():
-    counts, current, enabled = {}, {}, [False]
-
-    class Window(Callback):
-        def on_train_batch_start(self, trainer, *args):
-            current.clear()
-            enabled[0] = True
-
-        def on_train_batch_end(self, trainer, *args):
-            enabled[0] = False
-            counts[trainer.global_step] = dict(current)
+    window = SyncWindow()
+    counts, current, enabled = window.counts, window.current, window.enabled
 
     with count_host_syncs(current, enabled):
-        _fit([Window(), LearningRateGovernor(warmup_steps=0)], max_steps=10, log_every_n_steps=5)
+        _fit([window, LearningRateGovernor(warmup_steps=0)], max_steps=10, log_every_n_steps=5)
     quiet = {step: c for step, c in counts.items() if step % 5 != 0}
     assert len(quiet) == 8 and all(not c for c in quiet.values()), quiet
 

@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor as LightningMonitor
 from lightning.pytorch.loggers import CSVLogger, Logger
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from tests.helpers import count_host_syncs, tiny_trainer
+from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
 from traincraft.callbacks.lr_monitor import LearningRateMonitor
 from traincraft.data import DigitsDataModule
 from traincraft.modules import ImageClassifier
@@ -229,22 +229,14 @@ def test_extras_equal_a_plain_torch_reference():
 
 
 def test_no_host_sync_on_non_logging_steps():
-    counts, current, enabled = {}, {}, [False]
-
-    class Window(Callback):
-        def on_train_batch_start(self, trainer, *args):
-            current.clear()
-            enabled[0] = True
-
-        def on_train_batch_end(self, trainer, *args):
-            enabled[0] = False
-            counts[trainer.global_step] = dict(current)
+    window = SyncWindow()
+    counts, current, enabled = window.counts, window.current, window.enabled
 
     monitor = LearningRateMonitor(log_hyperparameters=True, log_effective_lr=True, log_update_ratio=True,
                                   log_oscillation=True)
-    # Window first: its end hook closes the window before the monitor's logging-step copy
+    # SyncWindow first: its end hook closes the window before the monitor's logging-step copy
     trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, limit_val_batches=0, logger=CSVLogger(".", name="s"),
-                           callbacks=[Window(), monitor])
+                           callbacks=[window, monitor])
     with count_host_syncs(current, enabled):
         trainer.fit(_classifier(functools.partial(torch.optim.Adam, lr=1e-3)),
                     datamodule=DigitsDataModule(image_size=8, augment="none"))
