@@ -93,20 +93,36 @@ def wandb_history(run_dir: Path) -> list[dict[str, str]]:
 
 
 class SyncWindow(Callback):
-    """Counts host syncs per training step, from ``on_train_batch_start`` to ``on_train_batch_end``.
+    """Counts host syncs per training step, up to ``on_train_batch_end``.
 
+    The window opens at ``on_train_batch_start``, or, given a ``datamodule``, earlier: when that DataModule's
+    ``on_after_batch_transfer`` runs for a training batch (so augmentation and normalization are counted too).
     Use with :func:`count_host_syncs`: ``with count_host_syncs(window.current, window.enabled): trainer.fit(...)``;
     afterwards ``window.counts`` maps each step's ``global_step`` (counted after the step) to its calls.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, datamodule: pl.LightningDataModule | None = None) -> None:
         self.counts: dict[int, dict[str, int]] = {}
         self.current: dict[str, int] = {}
         self.enabled = [False]
+        self._at_transfer = datamodule is not None
+        if datamodule is not None:
+            transfer = datamodule.on_after_batch_transfer
 
-    def on_train_batch_start(self, trainer, *args) -> None:
+            def opening_transfer(batch, dataloader_idx):
+                if datamodule.trainer.training:
+                    self._open()
+                return transfer(batch, dataloader_idx)
+
+            datamodule.on_after_batch_transfer = opening_transfer
+
+    def _open(self) -> None:
         self.current.clear()
         self.enabled[0] = True
+
+    def on_train_batch_start(self, trainer, *args) -> None:
+        if not self._at_transfer:
+            self._open()
 
     def on_train_batch_end(self, trainer, *args) -> None:
         self.enabled[0] = False

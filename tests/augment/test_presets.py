@@ -5,7 +5,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from tests.data._synthetic import SyntheticRGB
-from tests.helpers import count_host_syncs, tiny_trainer
+from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
 from traincraft.augment import PRESETS
 from traincraft.augment.presets import alexnet, cifar, digits
 from traincraft.modules.classifier import ImageClassifier
@@ -27,27 +27,13 @@ class Shapes(Callback):
     [(cifar(), 32, 32), (alexnet(min_size=40, max_size=60, size=32), 40, 32)],
 )
 def test_presets_train_without_host_syncs(augment, size, model_size):
-    counts, current, enabled = {}, {}, [False]
     dm = SyntheticRGB(size=size, train=64, batch_size=16, augment=augment)
-    transfer = dm.on_after_batch_transfer
-
-    def counted(batch, idx):
-        if dm.trainer.training:
-            current.clear()
-            enabled[0] = True
-        return transfer(batch, idx)
-
-    dm.on_after_batch_transfer = counted
-
-    class Stop(Callback):
-        def on_train_batch_end(self, trainer, *args):
-            enabled[0] = False
-            counts[trainer.global_step] = dict(current)
-
+    window = SyncWindow(datamodule=dm)
+    counts = window.counts
     shapes = Shapes()
     model = ImageClassifier("mlp", num_classes=3, in_channels=3, input_size=model_size)
-    with count_host_syncs(current, enabled):
-        tiny_trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=1, callbacks=[Stop(), shapes]).fit(model, dm)
+    with count_host_syncs(window.current, window.enabled):
+        tiny_trainer(max_steps=4, log_every_n_steps=2, limit_val_batches=1, callbacks=[window, shapes]).fit(model, dm)
     quiet = {step: c for step, c in counts.items() if step % 2}
     assert len(counts) == 4 and all(not c for c in quiet.values()), quiet
     assert set(shapes.train) == {(16, 3, model_size, model_size)}

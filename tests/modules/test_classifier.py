@@ -3,11 +3,11 @@ import functools
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from tests.helpers import count_host_syncs, tiny_trainer
+from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
 from traincraft.data import DigitsDataModule
 from traincraft.models import MLP
 from traincraft.modules import ImageClassifier
@@ -173,30 +173,14 @@ def test_non_finite_loss_stops_training_on_a_logging_step():
 
 def test_no_host_sync_on_non_logging_steps():
     """Augmentation, normalization, forward, loss, metrics, backward and the step: no copy to the host."""
-    counts: dict[int, dict[str, int]] = {}
-    enabled = [False]
-    current: dict[str, int] = {}
-    dm = DigitsDataModule(image_size=16)  # default (kornia) augmentation on
-    transfer = dm.on_after_batch_transfer
-
-    def counted_transfer(batch, idx):
-        if dm.trainer.training:
-            current.clear()
-            enabled[0] = True
-        return transfer(batch, idx)
-
-    dm.on_after_batch_transfer = counted_transfer
-
-    class Stop(Callback):
-        def on_train_batch_end(self, trainer, *args):
-            enabled[0] = False
-            counts[trainer.global_step] = dict(current)
-
+    dm = DigitsDataModule(image_size=16)  # default augmentation on
+    window = SyncWindow(datamodule=dm)
+    counts = window.counts
     clf = ImageClassifier("convnet", num_classes=10, in_channels=1, input_size=16,
                           scheduler=functools.partial(torch.optim.lr_scheduler.StepLR, step_size=1))
-    trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, callbacks=[Stop()], limit_val_batches=0,
+    trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, callbacks=[window], limit_val_batches=0,
                            logger=CSVLogger(".", name="sync"))
-    with count_host_syncs(current, enabled):
+    with count_host_syncs(window.current, window.enabled):
         trainer.fit(clf, datamodule=dm)
     assert len(counts) == 8
     # global_step counts completed optimizer steps: steps 4 and 8 are the logging steps
