@@ -9,7 +9,8 @@ import torch
 
 
 def channel_moments(batches: Iterable[torch.Tensor], scale: float = 1.0 / 255.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and standard deviation of image batches, in one pass.
+    """Per-channel mean and standard deviation of image batches, in one pass (:func:`moment_sums`, then
+    :func:`statistics_from_sums`).
 
     Sums are kept in float64, so the result does not depend on how the data is split into batches (up to
     rounding) and does not lose precision on large data sets.
@@ -27,25 +28,8 @@ def channel_moments(batches: Iterable[torch.Tensor], scale: float = 1.0 / 255.0)
         >>> round(mean.item(), 4), round(std.item(), 4)
         (0.75, 0.433)
     """
-    total = sq = None
-    count = 0
-    for x in batches:
-        if x.ndim != 4:
-            raise ValueError(f"expected image batches of shape (N, C, H, W); got shape {tuple(x.shape)}")
-        x = x.to(torch.float64) * scale
-        s, q = x.sum(dim=(0, 2, 3)), x.square().sum(dim=(0, 2, 3))
-        if total is None:
-            total, sq = s, q
-        elif s.shape != total.shape:
-            raise ValueError(f"channel count changed between batches: {total.shape[0]} then {s.shape[0]}")
-        else:
-            total, sq = total + s, sq + q
-        count += x.shape[0] * x.shape[2] * x.shape[3]
-    if total is None or count == 0:
-        raise ValueError("cannot compute statistics of an empty data set; check the training split")
-    mean = total / count
-    var = (sq / count - mean.square()).clamp_min(0.0)
-    return mean.float(), var.sqrt().float()
+    stats = statistics_from_sums(moment_sums(batches, scale=scale))
+    return stats["mean"], stats["std"]
 
 
 def moment_sums(
@@ -82,6 +66,8 @@ def moment_sums(
                     f"image-level whitening of {tuple(shape)} images needs a {features}x{features} covariance, "
                     f"above max_features={max_features}; use whitening_scope='channel', or smaller images."
                 )
+        elif x.shape[1] != shape[0]:
+            raise ValueError(f"channel count changed between batches: {shape[0]} then {x.shape[1]}")
         elif x.shape[1:] != shape:
             raise ValueError(f"image shape changed between batches: {tuple(shape)} then {tuple(x.shape[1:])}")
         x = x.to(torch.float64) * scale
