@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+LITDATA_REQUIRES := boto3 filelock obstore requests tifffile urllib3
 
 .PHONY: demo test lint install clean
 
@@ -13,6 +14,10 @@ $(STAMP): $(PY) pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	# litdata (the streaming DataModule) declares torchvision, which has no CPU build here and would break
+	# `import torchvision` for every package that probes it: install litdata alone, then its other requirements.
+	$(PY) -m pip install --quiet -c constraints.txt --no-deps litdata
+	$(PY) -m pip install --quiet -c constraints.txt $(LITDATA_REQUIRES)
 	touch $(STAMP)
 
 install: $(STAMP)
