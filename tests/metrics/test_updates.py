@@ -72,3 +72,24 @@ def test_update_agreement_equals_the_separate_functions():
     assert cosine.item() == pytest.approx(update_cosine(a, b).item(), rel=1e-5)
     assert flips.item() == pytest.approx(sign_flip_fraction(a, b).item())
     assert square.item() == pytest.approx(float(np.dot(a.numpy(), a.numpy())), rel=1e-5)
+
+
+def test_update_agreement_counts_flips_exactly_with_zeros_and_negative_zeros_in_a_workspace():
+    from traincraft.metrics.updates import update_agreement
+
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal(10_001).astype(np.float32)
+    b = rng.standard_normal(10_001).astype(np.float32)
+    a[::7], b[::11] = 0.0, -0.0  # zero updates: 0·(-x) and (-0)·x give -0.0, which is no flip
+    reference = float(np.mean((a.astype(np.float64) * b) < 0))
+    previous = torch.from_numpy(b.copy())
+    _, flips, _ = update_agreement(torch.from_numpy(a), previous, torch.dot(previous, previous), workspace=previous)
+    assert flips.item() == pytest.approx(reference, abs=1e-7)
+    assert flips.item() * a.size == pytest.approx(round(reference * a.size), abs=1e-3)
+
+
+def test_update_agreement_rejects_a_workspace_of_another_shape():
+    from traincraft.metrics.updates import update_agreement
+
+    with pytest.raises(ValueError, match=r"workspace must be a float tensor of shape \(3,\)"):
+        update_agreement(torch.ones(3), torch.ones(3), torch.tensor(3.0), workspace=torch.empty(4))

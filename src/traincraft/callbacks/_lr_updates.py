@@ -56,7 +56,9 @@ class UpdateTracker:
             if params:
                 torch._foreach_sub_(views, params)
         if compare:
-            results = [update_agreement(c, p, sq) for (c, _), (p, _), sq in zip(self.current, self.previous, self.squares, strict=True)]
+            # the previous update is not needed after this comparison: it holds the product (no allocation)
+            results = [update_agreement(c, p, sq, workspace=p)
+                       for (c, _), (p, _), sq in zip(self.current, self.previous, self.squares, strict=True)]
             self.squares = [square for _, _, square in results]
             if self.has_update:
                 cos = torch.stack([cosine for cosine, _, _ in results])

@@ -26,6 +26,9 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: fraction of all images held out for validation.
         test_fraction: fraction of all images held out for testing.
         split_seed: seed of the stratified split.
+        train_fraction: keep only this fraction of the training split (a stratified subset, fixed by
+            ``split_seed``; validation and test are unchanged): the small-data regime where augmentation and
+            regularization matter, and the points of a learning curve.
         batch_size, eval_batch_size, num_workers, pin_memory, augment, normalize, seed, drop_last, whitening,
             whitening_scope, whitening_epsilon, statistics_cache: as in :class:`ImageDataModule`.
 
@@ -43,6 +46,7 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: float = 0.1,
         test_fraction: float = 0.2,
         split_seed: int = 0,
+        train_fraction: float = 1.0,
         batch_size: int = 64,
         eval_batch_size: Optional[int] = None,
         num_workers: int = 0,
@@ -75,6 +79,8 @@ class DigitsDataModule(ImageDataModule):
         for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must lie in (0, 1); got {value}.")
+        if not 0.0 < train_fraction <= 1.0:
+            raise ValueError(f"train_fraction must lie in (0, 1]; got {train_fraction}.")
         if val_fraction + test_fraction >= 0.9:
             raise ValueError(
                 f"val_fraction + test_fraction = {val_fraction + test_fraction:.2f} leaves too little to train on; "
@@ -86,6 +92,7 @@ class DigitsDataModule(ImageDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        self.train_fraction = train_fraction
 
     @property
     def num_classes(self) -> int:
@@ -119,6 +126,11 @@ class DigitsDataModule(ImageDataModule):
             stratify=labels.numpy()[rest],
             random_state=self.split_seed,
         )
+        if self.train_fraction < 1.0:
+            keep = max(10, round(self.train_fraction * len(train)))  # at least one image per class
+            if keep < len(train):
+                train, _ = train_test_split(train, train_size=keep, stratify=labels.numpy()[train],
+                                            random_state=self.split_seed)
         return {
             name: TensorImageDataset(images[idx], labels[idx], num_classes=10)
             for name, idx in (("train", train), ("val", val), ("test", test))
