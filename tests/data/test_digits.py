@@ -113,6 +113,20 @@ def test_epoch_shuffle_sampler_depends_only_on_seed_and_epoch():
     assert list(a) == list(b)
 
 
+def test_train_fraction_keeps_a_stratified_subset_and_the_same_val_and_test():
+    full, small = DigitsDataModule(image_size=8), DigitsDataModule(image_size=8, train_fraction=0.1)
+    full.setup("fit")
+    small.setup("fit")
+    train = small.datasets["train"]
+    assert len(train) == round(0.1 * 1257)
+    counts = torch.bincount(train.labels, minlength=10)
+    assert int(counts.min()) >= 12 and int(counts.max()) <= 13  # stratified: ~10% of every class
+    pool = {(bytes(x.numpy()), int(y)) for x, y in zip(full.datasets["train"].images, full.datasets["train"].labels)}
+    assert all((bytes(x.numpy()), int(y)) in pool for x, y in zip(train.images, train.labels))
+    for split in ("val", "test"):
+        assert torch.equal(small.datasets[split].images, full.datasets[split].images)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -121,6 +135,8 @@ def test_epoch_shuffle_sampler_depends_only_on_seed_and_epoch():
         ({"val_fraction": 1.5}, "val_fraction must lie in"),
         ({"val_fraction": 0.5, "test_fraction": 0.45}, "leaves too little to train on"),
         ({"augment": "sparkle"}, "unknown augment 'sparkle'"),
+        ({"train_fraction": 0.0}, r"train_fraction must lie in \(0, 1\]"),
+        ({"train_fraction": 1.5}, r"train_fraction must lie in \(0, 1\]"),
     ],
 )
 def test_bad_configuration_is_rejected(kwargs, message):
