@@ -171,3 +171,12 @@ def test_a_model_without_double_backward_gets_a_clear_error():
     with pytest.raises(RuntimeError, match="does not support double backward"):
         hvp, _ = hessian_vector_operator(loss, [w])
         hvp(torch.ones(3))
+
+
+def test_weights_changed_after_the_operator_was_built_get_their_own_error():
+    w = nn.Parameter(torch.randn(3))
+    hvp, _ = hessian_vector_operator((w**3).sum(), [w])
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step between building the operator and using it
+    with pytest.raises(RuntimeError, match="changed in place after this Hessian-vector operator was built"):
+        hvp(torch.ones(3))

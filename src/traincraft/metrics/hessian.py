@@ -79,6 +79,11 @@ def hessian_vector_operator(loss: Tensor, params: Sequence[Tensor]) -> tuple[Ope
                 differentiable, params, grad_outputs=[pieces[i] for i in index], retain_graph=True, allow_unused=True
             )
         except RuntimeError as error:
+            if "modified by an inplace operation" in str(error):
+                raise RuntimeError(
+                    "the weights (or a tensor the loss depends on) changed in place after this Hessian-vector "
+                    "operator was built, e.g. by an optimizer step; build a new operator at the current weights."
+                ) from error
             raise RuntimeError(_NO_DOUBLE_BACKWARD.format(error=str(error).splitlines()[0])) from error
         return torch.cat([
             (torch.zeros(n, device=vector.device) if h is None else h.reshape(-1).float()) for h, n in zip(products, numels, strict=False)
