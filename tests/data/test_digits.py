@@ -121,8 +121,8 @@ def test_train_fraction_keeps_a_stratified_subset_and_the_same_val_and_test():
     assert len(train) == round(0.1 * 1257)
     counts = torch.bincount(train.labels, minlength=10)
     assert int(counts.min()) >= 12 and int(counts.max()) <= 13  # stratified: ~10% of every class
-    pool = {(bytes(x.numpy()), int(y)) for x, y in zip(full.datasets["train"].images, full.datasets["train"].labels)}
-    assert all((bytes(x.numpy()), int(y)) in pool for x, y in zip(train.images, train.labels))
+    pool = {(bytes(x.numpy()), int(y)) for x, y in zip(full.datasets["train"].images, full.datasets["train"].labels, strict=True)}
+    assert all((bytes(x.numpy()), int(y)) in pool for x, y in zip(train.images, train.labels, strict=True))
     for split in ("val", "test"):
         assert torch.equal(small.datasets[split].images, full.datasets[split].images)
 

@@ -8,6 +8,7 @@ from traincraft.callbacks.covariate_shift import CovariateShiftMonitor
 from traincraft.callbacks.curvature import CurvatureMonitor
 from traincraft.callbacks.data_drift import DataDriftMonitor
 from traincraft.callbacks.gradient_clipping import GradientClipping
+from traincraft.callbacks.hard_example_mining import HardExampleMining
 from traincraft.callbacks.lr_governor import LearningRateGovernor
 from traincraft.callbacks.lr_monitor import LearningRateMonitor
 
@@ -17,6 +18,7 @@ __all__ = [
     "CurvatureMonitor",
     "DataDriftMonitor",
     "GradientClipping",
+    "HardExampleMining",
     "LearningRateGovernor",
     "LearningRateMonitor",
 ]

@@ -5,18 +5,22 @@ from traincraft.data._tensor_dataset import TensorImageDataset, collate_batched
 from traincraft.data.cifar import CIFARDataModule, read_cifar_binary
 from traincraft.data.digits import DigitsDataModule
 from traincraft.data.download import download, file_digest
+from traincraft.data.hard_example_sampler import HardExampleSampler
 from traincraft.data.image_datamodule import ImageDataModule, augmentation_seed
 from traincraft.data.image_folder import ImageFolderDataModule
 from traincraft.data.mnist import MNISTDataModule, read_idx
 from traincraft.data.statistics import channel_moments, moment_sums, statistics_from_sums, whitening_matrix
+from traincraft.data.streaming import StreamingImageDataModule, optimize_image_folder
 
 __all__ = [
     "CIFARDataModule",
     "DigitsDataModule",
     "EpochShuffleSampler",
+    "HardExampleSampler",
     "ImageDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "StreamingImageDataModule",
     "TensorImageDataset",
     "augmentation_seed",
     "channel_moments",
@@ -24,6 +28,7 @@ __all__ = [
     "download",
     "file_digest",
     "moment_sums",
+    "optimize_image_folder",
     "read_cifar_binary",
     "read_idx",
     "statistics_from_sums",

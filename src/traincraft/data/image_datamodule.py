@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from traincraft.augment import PRESETS
 from traincraft.augment.crop import RandomCrop
@@ -315,15 +315,26 @@ class ImageDataModule(pl.LightningDataModule):
             if images.shape[0]:  # a batch whose files were all skipped as unreadable is empty
                 yield images
 
+    # ----------------------------------------------------------------- training sampler hook
+    _train_sampler: Optional[Sampler] = None
+
+    def set_train_sampler(self, sampler: Optional[Sampler]) -> None:
+        """Draw training batches with ``sampler`` instead of the default :class:`EpochShuffleSampler`; ``None``
+        restores the default. :class:`~traincraft.callbacks.HardExampleMining` sets its sampler here."""
+        self._train_sampler = sampler
+
     # ----------------------------------------------------------------- loaders
     def _loader(self, split: Split, train: bool = False) -> DataLoader:
         if split not in self.datasets:
             raise ValueError(f"{type(self).__name__} has no {split!r} split; it has {sorted(self.datasets)}.")
         dataset = self.datasets[split]
+        sampler = None
+        if train:
+            sampler = self._train_sampler if self._train_sampler is not None else EpochShuffleSampler(dataset, seed=self.seed)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            sampler=EpochShuffleSampler(dataset, seed=self.seed) if train else None,
+            sampler=sampler,
             drop_last=train and self.drop_last and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -49,8 +49,10 @@ class ImageClassifier(pl.LightningModule):
     prediction average the softmax over the configured views (scales, crops, mirrors); their loss is the negative
     log-likelihood of the averaged probabilities. Training is unchanged.
 
-    Made to be subclassed: override :meth:`forward`, :meth:`compute_loss` or :meth:`shared_step` to change
-    one thing. The global RNG states travel in checkpoints, so a resumed single-process run continues exactly.
+    Made to be subclassed: override :meth:`forward`, :meth:`per_example_loss` (the batch loss is its mean),
+    :meth:`compute_loss` or :meth:`shared_step` to change one thing. ``training_step`` returns the detached
+    per-example losses beside the loss, for :class:`~traincraft.callbacks.HardExampleMining`. The global RNG
+    states travel in checkpoints, so a resumed single-process run continues exactly.
 
     Args:
         model: registered model name, dotted class path, or an ``nn.Module``.
@@ -169,10 +171,30 @@ class ImageClassifier(pl.LightningModule):
         return self.model(x)
 
     def compute_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing)
+        """The batch's loss: the mean of :meth:`per_example_loss`."""
+        return self.per_example_loss(logits, targets).mean()
 
-    def shared_step(self, batch: Any, stage: str) -> torch.Tensor:
-        """Forward, loss and metrics for one batch of ``(images, labels)``; returns the loss."""
+    def per_example_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss of every example, ``(batch,)``: cross-entropy with the module's label smoothing."""
+        return F.cross_entropy(logits, targets, label_smoothing=self.label_smoothing, reduction="none")
+
+    def _losses(self, logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # One cross-entropy gives the loss and the per-example losses. A subclass that overrides compute_loss gets
+        # its own loss, and per-example losses only if it also overrides per_example_loss (the default would not
+        # match its loss).
+        if type(self).compute_loss is ImageClassifier.compute_loss:
+            per_example = self.per_example_loss(logits, targets)
+            return per_example.mean(), per_example
+        loss = self.compute_loss(logits, targets)
+        if type(self).per_example_loss is ImageClassifier.per_example_loss:
+            return loss, None
+        with torch.no_grad():
+            return loss, self.per_example_loss(logits, targets)
+
+    def shared_step(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        """Forward, loss and metrics for one batch of ``(images, labels)``; returns ``{"loss": mean loss,
+        "per_example_loss": detached losses (batch,)}`` (the second only while :meth:`per_example_loss` matches
+        :meth:`compute_loss`: not when a subclass overrides ``compute_loss`` alone)."""
         images, targets = batch[0], batch[1]
         if self.test_time_augmentation is not None and stage != "train":
             # log of the averaged probabilities: cross-entropy of these is the NLL of the average, and top-k holds
@@ -184,7 +206,7 @@ class ImageClassifier(pl.LightningModule):
                 f"the model returned logits of shape {tuple(logits.shape)}; expected (batch, {self.num_classes}). "
                 f"Build the model with num_classes={self.num_classes}."
             )
-        loss = self.compute_loss(logits, targets)
+        loss, per_example = self._losses(logits, targets)
         on_step = stage == "train"
         # Evaluation losses are averaged over all ranks; the training loss stays per rank (a reduction on every
         # step would be a collective per step). The accuracy metrics synchronize themselves at compute.
@@ -196,21 +218,28 @@ class ImageClassifier(pl.LightningModule):
                 metric = self.metrics[key]
                 metric(logits.detach(), targets)
                 self.log(f"{stage}/{suffix}", metric, on_step=on_step, on_epoch=True, prog_bar=suffix == "acc")
-        return loss
+        if per_example is None:
+            return {"loss": loss}
+        return {"loss": loss, "per_example_loss": per_example.detach()}
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = self.shared_step(batch, "train")
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        """Returns ``{"loss", "per_example_loss"}``: Lightning optimizes ``loss``; callbacks such as
+        :class:`~traincraft.callbacks.HardExampleMining` read the per-example losses from the outputs."""
+        outputs = self.shared_step(batch, "train")
+        if not isinstance(outputs, dict):  # a subclass's shared_step that returns the loss tensor
+            outputs = {"loss": outputs}
+        loss = outputs["loss"]
         if is_logging_step(self.trainer) and not torch.isfinite(loss):  # sync point: logging step only
             raise FloatingPointError(
                 f"the training loss is {loss.item()} at step {self.global_step}. Lower the learning rate, add "
                 "traincraft's GradientClipping callback, or check the inputs for non-finite values."
             )
-        return loss
+        return outputs
 
-    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
