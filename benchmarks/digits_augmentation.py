@@ -49,6 +49,7 @@ def main() -> None:
                         help="keep this stratified fraction of the 1257 training images (the small-data regime)")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
+    torch.set_num_threads(1)  # the same floating-point order on every run: a seed gives one number
     rows = {"default": [], "none": []}
     for seed in args.seeds:
         for augment in rows:  # interleaved, so machine load hits both arms alike

@@ -3,6 +3,7 @@
 from traincraft.augment.color import ColorJitter
 from traincraft.augment.compose import Compose
 from traincraft.augment.crop import RandomCrop
+from traincraft.augment.elastic import RandomElastic
 from traincraft.augment.fancy_pca import FancyPCALighting
 from traincraft.augment.flip import RandomHorizontalFlip
 from traincraft.augment.gallery import AugmentationGallery, gallery_grid
@@ -23,6 +24,7 @@ __all__ = [
     "GaussianNoise",
     "MultiCropAveraging",
     "RandomCrop",
+    "RandomElastic",
     "RandomGeometry",
     "RandomHorizontalFlip",
     "ScaleJitterCrop",
