@@ -1,11 +1,13 @@
 """Digits with the default on-device augmentation against digits without it: test accuracy at equal epochs,
-median of 3 seeds.
+median of the seeds.
 
-The recipe is the default one of `traincraft fit` (examples/configs/digits_convnet.yaml: a batch-normalized
-ConvNet at 32x32, AdamW 3e-3, cosine decay over 15 epochs, label smoothing 0.05); the only difference between the
-two arms is `augment="default"` vs `augment="none"`. The test split is the fixed stratified one (360 images).
+The recipe is the default one of `traincraft fit` (a batch-normalized ConvNet at 32x32, AdamW 3e-3, cosine decay,
+label smoothing 0.05); the only difference between the two arms is `augment="default"` vs `augment="none"`. With
+the whole training split both arms sit at the ceiling of the 360-image test split, so the defaults here are the
+small-data regime: 10% of the training split (126 images, stratified), batch 32, 60 epochs. One thread, so that
+a seed gives one number.
 
-    .venv/bin/python benchmarks/digits_augmentation.py [--seeds 0 1 2] [--epochs 15]
+    .venv/bin/python benchmarks/digits_augmentation.py [--seeds 0 1 2] [--epochs 60] [--train-fraction 0.1]
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ def run(seed: int, augment: str, epochs: int, train_fraction: float, batch_size:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--train-fraction", type=float, default=1.0,
+    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--train-fraction", type=float, default=0.1,
                         help="keep this stratified fraction of the 1257 training images (the small-data regime)")
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
     torch.set_num_threads(1)  # the same floating-point order on every run: a seed gives one number
     rows = {"default": [], "none": []}
