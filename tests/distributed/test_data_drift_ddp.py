@@ -1,25 +1,19 @@
 """DataDriftMonitor on two real processes (DDP, gloo, CPU): the samples gathered across ranks, and every test
 statistic, equal those of the same run in one process."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.distributed._drift_script import main
+from tests.distributed._launch import run_script
 
 SCRIPT = Path(__file__).with_name("_drift_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run_ddp(out: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(out), "2"], env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT.name, out, 2)
     return torch.load(out / "devices2.pt", weights_only=True)
 
 

@@ -1,24 +1,18 @@
 """Two real processes (DDP, gloo, CPU): each rank sums half of the training images, and the all-reduced
 statistics (mean, std, ZCA whitening) equal those of one process over the whole split."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from tests.distributed._launch import run_script
 from traincraft.data.digits import DigitsDataModule
 
 SCRIPT = Path(__file__).with_name("_data_stats_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_all_reduced_statistics_equal_the_single_process_ones(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT.name, tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     single = DigitsDataModule(image_size=8, whitening="zca")
     single.setup("fit")

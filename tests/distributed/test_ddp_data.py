@@ -1,25 +1,19 @@
 """Two real processes (DDP, gloo, CPU): augmentation differs between ranks and is reproducible from the seed,
 the sampler splits the data, and both ranks normalize with the same training statistics."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 
+from tests.distributed._launch import run_script
 from traincraft.data import DigitsDataModule
 
 SCRIPT = Path(__file__).with_name("_ddp_augment_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(out: Path, seed: int, split: bool) -> list[dict]:
     out.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, str(SCRIPT), str(out), str(seed), "split" if split else "same"]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT.name, out, seed, "split" if split else "same")
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
 
 

@@ -1,29 +1,24 @@
 """Two real processes (gloo, CPU), each holding half of a model's parameters: with the strategy's
 ``gradient_norm_group`` every rank clips by the norm of the WHOLE model, exactly as one process does."""
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from tests.distributed._launch import run_script
 from tests.helpers import tiny_trainer
 
 SCRIPT = Path(__file__).with_name("_gradclip_column_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One 2-process launch per mode (norm, quantile); results by mode."""
     out = tmp_path_factory.mktemp("gradclip_ddp")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     for mode in ("norm", "quantile"):
-        done = subprocess.run([sys.executable, str(SCRIPT), str(out), mode], env=env, capture_output=True,
-                              text=True, timeout=300, cwd=out)
-        assert done.returncode == 0, done.stderr[-3000:]
+        run_script(SCRIPT.name, out, mode, cwd=out)
     return {mode: [torch.load(out / f"rank{r}_{mode}.pt", weights_only=True) for r in (0, 1)]
             for mode in ("norm", "quantile")}
 

@@ -2,26 +2,20 @@
 index slices together are the one shared draw, and the loss averages equal those one process computes from the
 union of both ranks' losses."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from tests.callbacks.test_hard_example_mining import _replay_ema
+from tests.distributed._launch import run_script
 from traincraft.data._hard_examples import epoch_generator, hard_example_probabilities, sample_indices
 
 SCRIPT = Path(__file__).with_name("_hard_example_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_ranks_share_one_draw_and_one_loss_average(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT.name, tmp_path)
     r0, r1 = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert (r0["num_replicas"], r0["rank"], r1["num_replicas"], r1["rank"]) == (2, 0, 2, 1)
     n = len(r0["loss_ema"])  # 1257 training images

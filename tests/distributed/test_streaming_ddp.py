@@ -2,9 +2,6 @@
 per-rank sets of full batches (dropping exactly the remainder), a new order each epoch, and the all-reduced statistics
 of the two shards equal one process's ImageFolderDataModule statistics of the whole folder."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,18 +13,16 @@ from traincraft.data.streaming import optimize_image_folder
 
 pytest.importorskip("litdata")
 
+from tests.distributed._launch import run_script
+
 SCRIPT = Path(__file__).with_name("_streaming_ddp_script.py")
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_litdata_shards_each_epoch_between_the_ranks(tmp_path):
     _image_tree(tmp_path / "images", classes=("cat", "dog", "fox"), per_class=10)  # train 30, val 6 images
     dirs = optimize_image_folder(tmp_path / "images", tmp_path / "optimized", image_size=8, num_workers=1,
                                  chunk_bytes="2KB", start_method="fork", verbose=False)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), dirs["train"], dirs["val"]], env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_script(SCRIPT.name, tmp_path, dirs["train"], dirs["val"])
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     reference = ImageFolderDataModule(str(tmp_path / "images"), image_size=8)
     reference.setup("fit")
