@@ -13,16 +13,19 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
+# torch functions that return a host value computed from device tensors
+SYNC_FUNCTIONS = ("equal", "allclose", "is_nonzero")
 
 
 @contextmanager
 def count_host_syncs(counter: dict[str, int], enabled: list[bool]) -> Iterator[None]:
-    """Count calls of tensor methods that copy values to the host while ``enabled[0]`` is true.
+    """Count calls of tensor methods and torch functions that copy values to the host while ``enabled[0]`` is true.
 
     Calls made by ``torch.optim`` itself are not counted: without ``capturable=True`` its step counters are host
     tensors on every device, so reading them copies nothing from an accelerator.
     """
     originals = {name: getattr(torch.Tensor, name) for name in SYNC_METHODS}
+    functions = {name: getattr(torch, name) for name in SYNC_FUNCTIONS}
     optim_dir = str(Path(torch.optim.__file__).parent)
 
     def wrap(name, original):
@@ -33,13 +36,25 @@ def count_host_syncs(counter: dict[str, int], enabled: list[bool]) -> Iterator[N
 
         return counted
 
+    def wrap_function(name, original):
+        def counted(*args, **kwargs):
+            if enabled[0]:
+                counter[name] = counter.get(name, 0) + 1
+            return original(*args, **kwargs)
+
+        return counted
+
     for name, original in originals.items():
         setattr(torch.Tensor, name, wrap(name, original))
+    for name, original in functions.items():
+        setattr(torch, name, wrap_function(name, original))
     try:
         yield
     finally:
         for name, original in originals.items():
             setattr(torch.Tensor, name, original)
+        for name, original in functions.items():
+            setattr(torch, name, original)
 
 
 def tiny_trainer(**kwargs) -> pl.Trainer:

@@ -15,3 +15,14 @@ def is_logging_step(trainer: pl.Trainer) -> bool:
         return True
     every = max(int(trainer.log_every_n_steps), 1)
     return (trainer.global_step + 1) % every == 0
+
+
+def completed_step_is_logging(trainer: pl.Trainer) -> bool:
+    """The same question asked in ``on_train_batch_end``, where the optimizer step is counted already.
+
+    ``is_logging_step`` there would answer for the *next* step: per-batch-end code uses this one.
+    """
+    if trainer.fast_dev_run:
+        return True
+    every = int(trainer.log_every_n_steps)
+    return every > 0 and trainer.global_step > 0 and trainer.global_step % every == 0

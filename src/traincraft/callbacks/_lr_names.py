@@ -42,11 +42,3 @@ def _names(optimizer: Optimizer, base: str, custom: Optional[str], seen: list, s
         return [f"{base}/{group.get('name', f'pg{i + 1}')}" for i, group in enumerate(groups)]
     name = groups[0].get("name")
     return [f"{base}/{name}" if name else base]
-
-
-def completed_step_is_logging(trainer: pl.Trainer) -> bool:
-    """In ``on_train_batch_end`` (the optimizer step is counted already): will Lightning log this step?"""
-    if trainer.fast_dev_run:
-        return True
-    every = int(trainer.log_every_n_steps)
-    return every > 0 and trainer.global_step > 0 and trainer.global_step % every == 0

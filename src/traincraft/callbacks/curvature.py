@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 
-from traincraft.callbacks._lr_names import completed_step_is_logging
+from traincraft._steps import completed_step_is_logging
 from traincraft.metrics.hessian import (
     directional_curvature,
     effective_rate_diagonal,

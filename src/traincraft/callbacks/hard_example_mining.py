@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from traincraft._steps import is_logging_step
+from traincraft._steps import completed_step_is_logging
 from traincraft.data._hard_examples import check_hard_example_args, sampling_summary
 from traincraft.data.hard_example_sampler import HardExampleSampler
 from traincraft.data.image_datamodule import ImageDataModule
@@ -180,7 +180,7 @@ class HardExampleMining(Callback):
             )
         indices = self._indices[start:stop]
         sampler.record(indices, losses)
-        if self._labels is not None and is_logging_step(trainer):
+        if self._labels is not None and completed_step_is_logging(trainer):
             self._check_labels(batch, indices, batch_idx, start, stop)
         self._offset = stop
 

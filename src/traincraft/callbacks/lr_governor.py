@@ -11,7 +11,8 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from traincraft.callbacks._lr_names import completed_step_is_logging, group_names
+from traincraft._steps import completed_step_is_logging
+from traincraft.callbacks._lr_names import group_names
 from traincraft.callbacks._lr_updates import UpdateTracker
 from traincraft.callbacks.curvature import CurvatureMonitor
 

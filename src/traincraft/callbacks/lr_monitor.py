@@ -10,8 +10,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLearnin
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from traincraft._steps import is_logging_step
-from traincraft.callbacks._lr_names import completed_step_is_logging, group_names
+from traincraft._steps import completed_step_is_logging, is_logging_step
+from traincraft.callbacks._lr_names import group_names
 from traincraft.callbacks._lr_updates import UpdateTracker
 from traincraft.metrics.updates import adam_effective_lr
 
