@@ -165,6 +165,108 @@ def test_resize_boxes_equals_interpolate_of_the_cropped_box():
     torch.testing.assert_close(mirrored[1], out[1])
 
 
+def _grid_sample_reference(x, boxes, out_h, out_w, flip):
+    """The resize as one 2-D grid_sample on a grid built directly from the boxes (the accelerator path's maths)."""
+    top, left, height, width = (boxes[:, i, None] for i in range(4))
+    left = torch.where(flip[:, None], left + width, left)
+    width = torch.where(flip[:, None], -width, width)
+    ys = top + (torch.arange(out_h, dtype=x.dtype) + 0.5) / out_h * height  # source pixel edges, not centres
+    xs = left + (torch.arange(out_w, dtype=x.dtype) + 0.5) / out_w * width
+    grid = torch.stack(
+        torch.broadcast_tensors(xs[:, None, :] * 2 / x.shape[3] - 1, ys[:, :, None] * 2 / x.shape[2] - 1), dim=-1
+    )
+    return torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+@pytest.mark.parametrize(
+    ("shape", "out_hw", "dtype", "block_bytes"),
+    [
+        ((13, 3, 40, 36), (24, 28), torch.float64, 1),  # upscale and downscale, one sample per block
+        ((13, 3, 40, 36), (24, 28), torch.float32, 20_000),  # blocks of several samples, a ragged last block
+        ((5, 1, 1, 9), (3, 4), torch.float64, 4 << 20),  # one-row images
+        ((4, 2, 17, 11), (30, 2), torch.float64, 4 << 20),  # tall output, two columns
+    ],
+)
+def test_cpu_separable_resize_equals_one_grid_sample(monkeypatch, shape, out_hw, dtype, block_bytes):
+    from traincraft.augment import scale_jitter
+
+    monkeypatch.setattr(scale_jitter, "_CPU_BLOCK_BYTES", block_bytes)
+    gen = torch.Generator().manual_seed(11)
+    n, _, height, width = shape
+    x = torch.rand(shape, dtype=dtype, generator=gen)
+    # boxes partly outside the image (border padding), fractional, some larger than the image
+    size = torch.rand(n, 2, dtype=dtype, generator=gen) * 1.4 * torch.tensor([height, width], dtype=dtype) + 0.5
+    corner = (torch.rand(n, 2, dtype=dtype, generator=gen) - 0.2) * torch.tensor([height, width], dtype=dtype)
+    boxes = torch.cat([corner[:, :1], corner[:, 1:], size[:, :1], size[:, 1:]], dim=1)
+    flip = torch.rand(n, generator=gen) < 0.5
+    expected = _grid_sample_reference(x, boxes, *out_hw, flip)
+    tol = {"atol": 1e-12, "rtol": 0} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 0}
+    torch.testing.assert_close(scale_jitter.resize_boxes(x, boxes, *out_hw, flip=flip), expected, **tol)
+    # any memory layout gives the same result
+    as_channels_last = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(scale_jitter.resize_boxes(as_channels_last, boxes, *out_hw, flip=flip), expected, **tol)
+
+
+def test_resize_boxes_keeps_gradients_through_the_grid_sample_path():
+    x = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    boxes = torch.tensor([[1.0, 1.0, 5.0, 6.0], [0.0, 0.5, 8.0, 7.0]], dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda img: resize_boxes(img, boxes, 4, 5), (x,))
+    with torch.no_grad():  # no gradient wanted: the CPU fast path, same values
+        fast = resize_boxes(x, boxes, 4, 5)
+    torch.testing.assert_close(fast, resize_boxes(x, boxes, 4, 5).detach())
+
+
+def test_resize_boxes_adds_the_offset_on_every_path():
+    x = torch.rand(3, 3, 12, 10, dtype=torch.float64)
+    boxes = torch.tensor([[1.0, 2.0, 6.0, 5.0], [0.0, 0.0, 12.0, 10.0], [3.0, 1.0, 7.5, 8.0]], dtype=torch.float64)
+    flip = torch.tensor([True, False, True])
+    offset = torch.randn(3, 3, dtype=torch.float64)
+    expected = _grid_sample_reference(x, boxes, 7, 9, flip) + offset[:, :, None, None]
+    torch.testing.assert_close(resize_boxes(x, boxes, 7, 9, flip, offset), expected)  # CPU, separable
+    grad_path = resize_boxes(x.clone().requires_grad_(), boxes, 7, 9, flip, offset)  # one grid_sample
+    torch.testing.assert_close(grad_path.detach(), expected)
+
+
+def _alexnet_like(p_light: float = 1.0):
+    light = FancyPCALighting(sigma=0.3, eigenvalues=[0.2, 0.05, 0.01], eigenvectors=torch.linalg.qr(
+        torch.randn(3, 3, generator=torch.Generator().manual_seed(3)))[0].tolist(), p=p_light)
+    return ScaleJitterCrop(min_size=24, max_size=40, size=20, flip=0.5), light
+
+
+@pytest.mark.parametrize("p_light", [1.0, 0.5])
+def test_compose_fuses_resample_and_lighting_with_the_same_draws_and_result(monkeypatch, p_light):
+    crop, light = _alexnet_like(p_light)
+    x = torch.rand(9, 3, 30, 26)
+    torch.manual_seed(5)
+    expected = light(crop(x))  # one op after the other
+    fused_calls = []
+    original = ScaleJitterCrop.forward_with_offsets
+
+    def spy(self, images, offsets):
+        fused_calls.append(offsets is not None)
+        return original(self, images, offsets)
+
+    monkeypatch.setattr(ScaleJitterCrop, "forward_with_offsets", spy)
+    torch.manual_seed(5)
+    out = Compose([crop, light])(x)
+    assert torch.equal(out, expected)
+    assert fused_calls == [p_light == 1.0]  # p < 1 selects samples: not fused, still the same result
+    after = torch.rand(1)
+    torch.manual_seed(5)
+    light(crop(x))
+    assert torch.equal(after, torch.rand(1))  # the random stream is left where the unfused ops leave it
+
+
+def test_compose_does_not_fuse_modules_with_hooks_or_bad_input():
+    crop, light = _alexnet_like()
+    seen = []
+    light.register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    Compose([crop, light])(torch.rand(2, 3, 30, 26))
+    assert seen == [torch.Size([2, 3, 20, 20])]  # the hook ran: the lighting ran as its own op
+    with pytest.raises(ValueError, match="FancyPCALighting needs 3-channel images"):
+        Compose(list(_alexnet_like()))(torch.rand(2, 1, 30, 26))
+
+
 def test_scale_jitter_draws_short_sides_in_range_and_boxes_inside():
     op = ScaleJitterCrop(min_size=256, max_size=480, size=224)
     boxes = op.sample_boxes(5000, 300, 400)

@@ -78,6 +78,20 @@ class FancyPCALighting(nn.Module):
         self.forward_check(x)
         return x.add_(self._offsets(x))
 
+    def fusable_offsets(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`channel_offsets` can stand in for this op on ``x`` (every sample relit: ``p == 1``).
+
+        Checks ``x`` as :meth:`forward` would, so a fused pipeline raises the same errors as an unfused one.
+        """
+        self.forward_check(x)
+        return self.p == 1.0
+
+    def channel_offsets(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Draw this op's (n, 3) per-sample RGB offsets, for an op that adds them while it writes its output."""
+        alpha = torch.randn(n, 3).mul_(self.sigma)
+        offset = (alpha * self.eigenvalues) @ self.eigenvectors.T  # (n, 3) in RGB
+        return offset.to(device, dtype, non_blocking=True)
+
     def forward_check(self, x: torch.Tensor) -> None:
         check_images(type(self).__name__, x, channels=3)
         if not self.fitted:
@@ -87,9 +101,7 @@ class FancyPCALighting(nn.Module):
             )
 
     def _offsets(self, x: torch.Tensor) -> torch.Tensor:
-        alpha = torch.randn(x.shape[0], 3).mul_(self.sigma)
-        offset = (alpha * self.eigenvalues) @ self.eigenvectors.T  # (n, 3) in RGB
-        return offset.to(x.device, x.dtype, non_blocking=True)[:, :, None, None]
+        return self.channel_offsets(x.shape[0], x.device, x.dtype)[:, :, None, None]
 
     def _relight(self, x: torch.Tensor) -> torch.Tensor:
         # Not clipped to [0, 1], as in AlexNet: clipping would bias bright and dark pixels (and cost a pass).

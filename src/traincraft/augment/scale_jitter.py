@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Optional
 
 import torch
@@ -10,15 +11,28 @@ from torch import nn
 
 from traincraft.augment._sample import check_images, check_probability, uniform
 
+# Bytes of one block's intermediate on the CPU path: small enough to stay in cache between the two passes.
+_CPU_BLOCK_BYTES = 4 << 20
+
 
 def resize_boxes(
-    x: torch.Tensor, boxes: torch.Tensor, out_h: int, out_w: int, flip: Optional[torch.Tensor] = None
+    x: torch.Tensor,
+    boxes: torch.Tensor,
+    out_h: int,
+    out_w: int,
+    flip: Optional[torch.Tensor] = None,
+    offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Bilinearly resize one axis-aligned box per sample to ``out_h × out_w``, optionally mirrored, all at once.
 
-    Boxes are axis-aligned, so the sampling grid is separable: it is filled from per-sample row and column
-    coordinates (no ``affine_grid`` matrix product) and one ``grid_sample`` resamples the whole batch. Mirroring
-    reverses the column coordinates, so it costs nothing.
+    Boxes are axis-aligned, so the resample is separable: each output row and column reads one source coordinate
+    per sample, computed once for the batch. Mirroring reverses the column coordinates, so it costs nothing. Pixels
+    outside the image read the nearest edge pixel (``grid_sample``'s ``border`` padding, ``align_corners=False``).
+
+    On an accelerator, or when ``x`` needs gradients, one ``grid_sample`` resamples the whole batch. On the CPU the
+    separable form is cheaper: a row pass (``embedding_bag`` blends the two source rows of every output row) and a
+    column pass (a one-row ``grid_sample`` whose coordinates are shared by every row of a sample), run block by block
+    over the batch so the intermediate stays in cache. Both give the same result to rounding.
 
     Args:
         x: images (n, C, H, W).
@@ -26,6 +40,8 @@ def resize_boxes(
         out_h: output height.
         out_w: output width.
         flip: optional (n,) bool: mirror these samples left-right.
+        offset: optional (n, C) value added to every pixel of each sample and channel as the output is written
+            (a colour offset such as fancy-PCA lighting, fused into the resample instead of a pass of its own).
 
     Example:
         >>> x = torch.arange(16.0).view(1, 1, 4, 4)
@@ -38,16 +54,80 @@ def resize_boxes(
         boxes = boxes.clone()
         boxes[:, 1] += flip * boxes[:, 3]
         boxes[:, 3] *= 1.0 - 2.0 * flip
+    cpu_path = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if cpu_path and not (x.requires_grad and torch.is_grad_enabled()):
+        boxes = boxes.to(dtype=x.dtype)  # the coordinates are computed where the boxes were drawn (the host)
+        rows = _source_coordinates(boxes[:, 0], boxes[:, 2], height, out_h)
+        cols = _source_coordinates(boxes[:, 1], boxes[:, 3], width, out_w)
+        return _resample_separable_cpu(x, rows, cols, offset)
     boxes = boxes.to(x.device, x.dtype, non_blocking=True)
-    ys = (torch.arange(out_h, device=x.device, dtype=x.dtype) + 0.5) / out_h
-    xs = (torch.arange(out_w, device=x.device, dtype=x.dtype) + 0.5) / out_w
-    # pixel centres of the output, mapped into each box, in grid_sample's normalized input coordinates
-    gy = (boxes[:, 0:1] + ys * boxes[:, 2:3]) * (2.0 / height) - 1.0
-    gx = (boxes[:, 1:2] + xs * boxes[:, 3:4]) * (2.0 / width) - 1.0
+    rows = _source_coordinates(boxes[:, 0], boxes[:, 2], height, out_h)
+    cols = _source_coordinates(boxes[:, 1], boxes[:, 3], width, out_w)
     grid = torch.empty(n, out_h, out_w, 2, device=x.device, dtype=x.dtype)
-    grid[..., 0] = gx[:, None, :]
-    grid[..., 1] = gy[:, :, None]
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    grid[..., 0] = _normalized(cols, width)[:, None, :]
+    grid[..., 1] = _normalized(rows, height)[:, :, None]
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if offset is None:
+        return out
+    offset = offset[:, :, None, None].to(out.device, out.dtype, non_blocking=True)
+    return out + offset if out.requires_grad else out.add_(offset)
+
+
+def _source_coordinates(start: torch.Tensor, length: torch.Tensor, size: int, count: int) -> torch.Tensor:
+    """(n, count) source pixel coordinates of ``count`` output pixel centres spread over each box, clamped to the
+    image (``border`` padding)."""
+    centres = (torch.arange(count, device=start.device, dtype=start.dtype) + 0.5) / count
+    return (start[:, None] + centres * length[:, None] - 0.5).clamp_(0.0, size - 1)
+
+
+def _normalized(pixels: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel coordinates to ``grid_sample``'s [-1, 1] (``align_corners=False``)."""
+    return (pixels + 0.5) * (2.0 / size) - 1.0
+
+
+def _empty_long() -> torch.Tensor:
+    return torch.empty(0, dtype=torch.long)
+
+
+def _resample_separable_cpu(
+    x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: Optional[torch.Tensor]
+) -> torch.Tensor:
+    n, channels, height, width = x.shape
+    out_h, out_w = rows.shape[1], cols.shape[1]
+    top = rows.floor().clamp_(0, max(height - 2, 0))
+    frac = rows - top  # weight of the lower source row, in [0, 1]
+    top = top.long()
+    bottom = (top + 1).clamp_(max=height - 1)
+    plane = (torch.arange(n * channels) * height).view(n, channels, 1)  # first row of every image plane
+    # (n, C·out_h, 2): the two source rows of every output row, and their weights
+    pairs = torch.stack([plane + top[:, None, :], plane + bottom[:, None, :]], dim=-1).view(n, -1, 2)
+    weights = torch.stack([1.0 - frac, frac], dim=-1)[:, None].expand(n, channels, out_h, 2).reshape(n, -1, 2)
+    # the column pass: every row of a sample is one "channel" of a 1-pixel-high image, sharing the sample's grid
+    grid = torch.zeros(n, 1, out_w, 2, dtype=x.dtype)
+    grid[..., 0] = _normalized(cols, width)[:, None, :]
+    table = x.reshape(n * channels * height, width)
+    out = torch.empty(n, channels, out_h, out_w, dtype=x.dtype)  # not a view: Compose may then modify it in place
+    block = max(1, min(n, _CPU_BLOCK_BYTES // (channels * out_h * width * x.element_size())))
+    # One scratch buffer for every block, written in place: a fresh multi-megabyte tensor per block would make the
+    # C allocator map (and the kernel zero) new pages each time, which costs more than the blend itself.
+    blended = torch.empty(block, channels * out_h, 1, width, dtype=x.dtype)
+    offsets = torch.arange(0, 2 * block * channels * out_h, 2)  # every bag holds two rows
+    pairs, weights = pairs.view(-1), weights.reshape(-1)
+    per_block = 2 * channels * out_h
+    for start in range(0, n, block):  # blocks of samples, so each intermediate is still in cache when read
+        stop = min(n, start + block)
+        rows_out = blended[: stop - start]
+        torch.ops.aten._embedding_bag_forward_only.out(
+            table, pairs[start * per_block : stop * per_block], offsets[: (stop - start) * channels * out_h],
+            False, 0, False, weights[start * per_block : stop * per_block], False, -1,
+            out0=rows_out.view(-1, width), out1=_empty_long(), out2=_empty_long(), out3=_empty_long(),
+        )  # mode 0: the weighted sum of each bag's two rows
+        torch.ops.aten.grid_sampler_2d.out(  # bilinear, border padding, align_corners=False, into the output
+            rows_out, grid[start:stop], 0, 1, False, out=out[start:stop].view(stop - start, -1, 1, out_w)
+        )
+        if offset is not None:  # while the block is still in cache
+            out[start:stop].add_(offset[start:stop, :, None, None])
+    return out
 
 
 class ScaleJitterCrop(nn.Module):
@@ -55,8 +135,9 @@ class ScaleJitterCrop(nn.Module):
 
     The ImageNet recipe (Simonyan & Zisserman 2015; He et al. 2016: L ∈ [256, 480], 224 crop). It is batched: each
     sample's crop is a box in the *original* image (side ``size · S / L`` for short side S), and all boxes are
-    resampled by one ``grid_sample`` (:func:`resize_boxes`): no per-sample loop, no intermediate rescaled images. Mirroring can
-    be folded into the same resample at no cost (``flip``).
+    resampled together (:func:`resize_boxes`: one ``grid_sample`` on an accelerator, a separable two-pass form on the
+    CPU): no per-sample loop, no intermediate rescaled images. Mirroring is folded into the same resample at no cost
+    (``flip``).
 
     Args:
         min_size: smallest short side L.
@@ -85,7 +166,18 @@ class ScaleJitterCrop(nn.Module):
         return torch.stack([torch.rand(n) * (height - side), torch.rand(n) * (width - side), side, side], dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_offsets(x, None)
+
+    def forward_with_offsets(
+        self, x: torch.Tensor, offsets: Optional[Callable[[int, torch.device, torch.dtype], torch.Tensor]]
+    ) -> torch.Tensor:
+        """:meth:`forward`, then add ``offsets(n, device, dtype)`` (n, C) per sample and channel as the output is
+        written: :class:`~traincraft.augment.compose.Compose` fuses a following
+        :class:`~traincraft.augment.fancy_pca.FancyPCALighting` this way. The offsets are drawn after this op's own
+        parameters, as they would be unfused, so the random stream and the result are the same."""
         check_images(type(self).__name__, x)
         n, _, height, width = x.shape
         flip = torch.rand(n) < self.flip if self.flip > 0 else None
-        return resize_boxes(x, self.sample_boxes(n, height, width), self.size, self.size, flip)
+        boxes = self.sample_boxes(n, height, width)
+        offset = None if offsets is None else offsets(n, x.device, x.dtype)
+        return resize_boxes(x, boxes, self.size, self.size, flip, offset)
