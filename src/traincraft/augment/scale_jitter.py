@@ -12,7 +12,7 @@ from torch import nn
 from traincraft.augment._sample import check_images, check_probability, uniform
 
 # Bytes of one block's intermediate on the CPU path: small enough to stay in cache between the two passes.
-_CPU_BLOCK_BYTES = 4 << 20
+_CPU_BLOCK_BYTES = 2 << 20
 
 
 def resize_boxes(
@@ -85,6 +85,15 @@ def _normalized(pixels: torch.Tensor, size: int) -> torch.Tensor:
     return (pixels + 0.5) * (2.0 / size) - 1.0
 
 
+def _row_group(rows: int) -> int:
+    """Rows per ``grid_sample`` batch item: a divisor of ``rows`` near 32 (enough to share the column arithmetic,
+    small enough to give every thread items), or whole channels-worth when ``rows`` has no such divisor."""
+    for group in range(32, 7, -1):
+        if rows % group == 0:
+            return group
+    return rows
+
+
 def _empty_long() -> torch.Tensor:
     return torch.empty(0, dtype=torch.long)
 
@@ -103,27 +112,35 @@ def _resample_separable_cpu(
     pairs = torch.stack([plane + top[:, None, :], plane + bottom[:, None, :]], dim=-1).view(n, -1, 2)
     weights = torch.stack([1.0 - frac, frac], dim=-1)[:, None].expand(n, channels, out_h, 2).reshape(n, -1, 2)
     # the column pass: every row of a sample is one "channel" of a 1-pixel-high image, sharing the sample's grid
-    grid = torch.zeros(n, 1, out_w, 2, dtype=x.dtype)
+    # grid_sample splits its work across threads by batch items of ~37 at a time (its grain is set by the grid's
+    # size, not the channels'), so each sample's rows are cut into items of `group` rows that share its grid
+    group = _row_group(channels * out_h)
+    items = channels * out_h // group
+    grid = torch.zeros(n, items, out_w, 2, dtype=x.dtype)
     grid[..., 0] = _normalized(cols, width)[:, None, :]
+    grid = grid.view(n * items, 1, out_w, 2)
     table = x.reshape(n * channels * height, width)
     out = torch.empty(n, channels, out_h, out_w, dtype=x.dtype)  # not a view: Compose may then modify it in place
-    block = max(1, min(n, _CPU_BLOCK_BYTES // (channels * out_h * width * x.element_size())))
+    block = min(n, max(1, _CPU_BLOCK_BYTES // (channels * out_h * width * x.element_size())))
     # One scratch buffer for every block, written in place: a fresh multi-megabyte tensor per block would make the
     # C allocator map (and the kernel zero) new pages each time, which costs more than the blend itself.
     blended = torch.empty(block, channels * out_h, 1, width, dtype=x.dtype)
     offsets = torch.arange(0, 2 * block * channels * out_h, 2)  # every bag holds two rows
     pairs, weights = pairs.view(-1), weights.reshape(-1)
-    per_block = 2 * channels * out_h
+    per_sample = 2 * channels * out_h
     for start in range(0, n, block):  # blocks of samples, so each intermediate is still in cache when read
         stop = min(n, start + block)
         rows_out = blended[: stop - start]
         torch.ops.aten._embedding_bag_forward_only.out(
-            table, pairs[start * per_block : stop * per_block], offsets[: (stop - start) * channels * out_h],
-            False, 0, False, weights[start * per_block : stop * per_block], False, -1,
+            table, pairs[start * per_sample : stop * per_sample], offsets[: (stop - start) * channels * out_h],
+            False, 0, False, weights[start * per_sample : stop * per_sample], False, -1,
             out0=rows_out.view(-1, width), out1=_empty_long(), out2=_empty_long(), out3=_empty_long(),
         )  # mode 0: the weighted sum of each bag's two rows
         torch.ops.aten.grid_sampler_2d.out(  # bilinear, border padding, align_corners=False, into the output
-            rows_out, grid[start:stop], 0, 1, False, out=out[start:stop].view(stop - start, -1, 1, out_w)
+            rows_out.view(-1, group, 1, width),
+            grid[start * items : stop * items],
+            0, 1, False,
+            out=out[start:stop].view(-1, group, 1, out_w),
         )
         if offset is not None:  # while the block is still in cache
             out[start:stop].add_(offset[start:stop, :, None, None])
