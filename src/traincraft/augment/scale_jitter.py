@@ -54,23 +54,21 @@ def resize_boxes(
         boxes = boxes.clone()
         boxes[:, 1] += flip * boxes[:, 3]
         boxes[:, 3] *= 1.0 - 2.0 * flip
-    cpu_path = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
-    if cpu_path and not (x.requires_grad and torch.is_grad_enabled()):
-        boxes = boxes.to(dtype=x.dtype)  # the coordinates are computed where the boxes were drawn (the host)
-        rows = _source_coordinates(boxes[:, 0], boxes[:, 2], height, out_h)
-        cols = _source_coordinates(boxes[:, 1], boxes[:, 3], width, out_w)
-        return _resample_separable_cpu(x, rows, cols, offset)
     boxes = boxes.to(x.device, x.dtype, non_blocking=True)
     rows = _source_coordinates(boxes[:, 0], boxes[:, 2], height, out_h)
     cols = _source_coordinates(boxes[:, 1], boxes[:, 3], width, out_w)
+    if offset is not None:
+        offset = offset.to(x.device, x.dtype, non_blocking=True)
+    separable = x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+    if separable and not (x.requires_grad and torch.is_grad_enabled()):
+        return _resample_separable_cpu(x, rows, cols, offset)
     grid = torch.empty(n, out_h, out_w, 2, device=x.device, dtype=x.dtype)
     grid[..., 0] = _normalized(cols, width)[:, None, :]
     grid[..., 1] = _normalized(rows, height)[:, :, None]
     out = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     if offset is None:
         return out
-    offset = offset[:, :, None, None].to(out.device, out.dtype, non_blocking=True)
-    return out + offset if out.requires_grad else out.add_(offset)
+    return out + offset[:, :, None, None] if out.requires_grad else out.add_(offset[:, :, None, None])
 
 
 def _source_coordinates(start: torch.Tensor, length: torch.Tensor, size: int, count: int) -> torch.Tensor:
