@@ -207,6 +207,11 @@ def test_cpu_separable_resize_equals_one_grid_sample(monkeypatch, shape, out_hw,
     torch.testing.assert_close(scale_jitter.resize_boxes(as_channels_last, boxes, *out_hw, flip=flip), expected, **tol)
 
 
+def test_resize_boxes_of_an_empty_batch_is_empty():
+    empty = resize_boxes(torch.rand(0, 3, 12, 10), torch.zeros(0, 4), 7, 9, torch.zeros(0, dtype=torch.bool))
+    assert empty.shape == (0, 3, 7, 9)
+
+
 def test_resize_boxes_keeps_gradients_through_the_grid_sample_path():
     x = torch.rand(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
     boxes = torch.tensor([[1.0, 1.0, 5.0, 6.0], [0.0, 0.5, 8.0, 7.0]], dtype=torch.float64)

@@ -101,6 +101,9 @@ def _resample_separable_cpu(
 ) -> torch.Tensor:
     n, channels, height, width = x.shape
     out_h, out_w = rows.shape[1], cols.shape[1]
+    out = torch.empty(n, channels, out_h, out_w, dtype=x.dtype)  # not a view: Compose may then modify it in place
+    if out.numel() == 0:
+        return out
     top = rows.floor().clamp_(0, max(height - 2, 0))
     frac = rows - top  # weight of the lower source row, in [0, 1]
     top = top.long()
@@ -118,7 +121,6 @@ def _resample_separable_cpu(
     grid[..., 0] = _normalized(cols, width)[:, None, :]
     grid = grid.view(n * items, 1, out_w, 2)
     table = x.reshape(n * channels * height, width)
-    out = torch.empty(n, channels, out_h, out_w, dtype=x.dtype)  # not a view: Compose may then modify it in place
     block = min(n, max(1, _CPU_BLOCK_BYTES // (channels * out_h * width * x.element_size())))
     # One scratch buffer for every block, written in place: a fresh multi-megabyte tensor per block would make the
     # C allocator map (and the kernel zero) new pages each time, which costs more than the blend itself.
