@@ -92,10 +92,6 @@ def _row_group(rows: int) -> int:
     return rows
 
 
-def _empty_long() -> torch.Tensor:
-    return torch.empty(0, dtype=torch.long)
-
-
 def _resample_separable_cpu(
     x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, offset: Optional[torch.Tensor]
 ) -> torch.Tensor:
@@ -109,9 +105,9 @@ def _resample_separable_cpu(
     top = top.long()
     bottom = (top + 1).clamp_(max=height - 1)
     plane = (torch.arange(n * channels) * height).view(n, channels, 1)  # first row of every image plane
-    # (n, C·out_h, 2): the two source rows of every output row, and their weights
-    pairs = torch.stack([plane + top[:, None, :], plane + bottom[:, None, :]], dim=-1).view(n, -1, 2)
-    weights = torch.stack([1.0 - frac, frac], dim=-1)[:, None].expand(n, channels, out_h, 2).reshape(n, -1, 2)
+    # (n·C·out_h, 2): the two source rows of every output row, and their weights
+    pairs = torch.stack([plane + top[:, None, :], plane + bottom[:, None, :]], dim=-1).view(-1, 2)
+    weights = torch.stack([1.0 - frac, frac], dim=-1)[:, None].expand(n, channels, out_h, 2).reshape(-1, 2)
     # the column pass: every row of a sample is one "channel" of a 1-pixel-high image, sharing the sample's grid
     # grid_sample splits its work across threads by batch items of ~37 at a time (its grain is set by the grid's
     # size, not the channels'), so each sample's rows are cut into items of `group` rows that share its grid
@@ -122,22 +118,13 @@ def _resample_separable_cpu(
     grid = grid.view(n * items, 1, out_w, 2)
     table = x.reshape(n * channels * height, width)
     block = min(n, max(1, _CPU_BLOCK_BYTES // (channels * out_h * width * x.element_size())))
-    # One scratch buffer for every block, written in place: a fresh multi-megabyte tensor per block would make the
-    # C allocator map (and the kernel zero) new pages each time, which costs more than the blend itself.
-    blended = torch.empty(block, channels * out_h, 1, width, dtype=x.dtype)
-    offsets = torch.arange(0, 2 * block * channels * out_h, 2)  # every bag holds two rows
-    pairs, weights = pairs.view(-1), weights.reshape(-1)
-    per_sample = 2 * channels * out_h
+    per_sample = channels * out_h  # output rows, one bag of two source rows each
     for start in range(0, n, block):  # blocks of samples, so each intermediate is still in cache when read
         stop = min(n, start + block)
-        rows_out = blended[: stop - start]
-        torch.ops.aten._embedding_bag_forward_only.out(
-            table, pairs[start * per_sample : stop * per_sample], offsets[: (stop - start) * channels * out_h],
-            False, 0, False, weights[start * per_sample : stop * per_sample], False, -1,
-            out0=rows_out.view(-1, width), out1=_empty_long(), out2=_empty_long(), out3=_empty_long(),
-        )  # mode 0: the weighted sum of each bag's two rows
+        bags = slice(start * per_sample, stop * per_sample)
+        blended = F.embedding_bag(pairs[bags], table, per_sample_weights=weights[bags], mode="sum")  # row pass
         torch.ops.aten.grid_sampler_2d.out(  # bilinear, border padding, align_corners=False, into the output
-            rows_out.view(-1, group, 1, width),
+            blended.view(-1, group, 1, width),
             grid[start * items : stop * items],
             0, 1, False,
             out=out[start:stop].view(-1, group, 1, out_w),
