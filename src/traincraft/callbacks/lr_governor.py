@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from traincraft._steps import completed_step_is_logging
+from traincraft._steps import batches_stepped, completed_step_is_logging
 from traincraft.callbacks._lr_names import group_names
 from traincraft.callbacks._lr_updates import UpdateTracker
 from traincraft.callbacks.curvature import CurvatureMonitor
@@ -139,7 +139,7 @@ class LearningRateGovernor(Callback):
         self._trackers[key].after_step(compare=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
-        step = trainer.global_step
+        step = batches_stepped(trainer) + 1  # training batches that stepped, this one included
         if step < self.warmup_steps or step == self._last_decision_step or not completed_step_is_logging(trainer):
             return
         if not self._trackers:

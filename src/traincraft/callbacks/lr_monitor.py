@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLearnin
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from traincraft._steps import completed_step_is_logging, is_logging_step
+from traincraft._steps import batches_stepped, completed_step_is_logging, is_logging_step
 from traincraft.callbacks._lr_names import group_names
 from traincraft.callbacks._lr_updates import UpdateTracker
 from traincraft.metrics.updates import adam_effective_lr
@@ -57,6 +57,7 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
         log_oscillation: log the oscillation index per group (costs two flat copies of the weights and a few
             fused passes per step).
         oscillation_ema: smoothing of the oscillation EMAs, in ``[0, 1)``.
+        **kwargs: passed to Lightning's ``LearningRateMonitor`` unchanged (arguments of newer Lightning releases).
 
     Raises:
         MisconfigurationException: Lightning's, for a bad ``logging_interval`` or a trainer without a logger.
@@ -77,8 +78,11 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
         log_update_ratio: bool = False,
         log_oscillation: bool = False,
         oscillation_ema: float = 0.9,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(logging_interval=logging_interval, log_momentum=log_momentum, log_weight_decay=log_weight_decay)
+        # **kwargs: arguments a newer Lightning adds to its LearningRateMonitor reach it unchanged.
+        super().__init__(logging_interval=logging_interval, log_momentum=log_momentum,
+                         log_weight_decay=log_weight_decay, **kwargs)
         if not 0.0 <= oscillation_ema < 1.0:
             raise ValueError(f"oscillation_ema must lie in [0, 1); got {oscillation_ema}. 0.9 averages ~10 steps.")
         self.log_hyperparameters = log_hyperparameters
@@ -123,9 +127,9 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         extras = self.log_hyperparameters or self.log_effective_lr or self._tracks_updates
-        if not extras or not completed_step_is_logging(trainer) or trainer.global_step == self._last_logged_step:
+        if not extras or not completed_step_is_logging(trainer) or batches_stepped(trainer) == self._last_logged_step:
             return
-        self._last_logged_step = trainer.global_step
+        self._last_logged_step = batches_stepped(trainer)
         host: dict[str, float] = {}
         keys: list[str] = []
         device_values: list[torch.Tensor] = []
