@@ -8,13 +8,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tests.helpers import count_host_syncs
 from traincraft.metrics.hessian import (
     directional_curvature,
     effective_rate_diagonal,
+    extreme_eigenpairs,
     flatten,
     hessian_vector_operator,
     hutchinson_trace,
+    lanczos,
+    module_without_double_backward,
     power_iteration,
     scaled_operator,
     stability_threshold,
@@ -180,3 +185,120 @@ def test_weights_changed_after_the_operator_was_built_get_their_own_error():
         w.add_(1.0)  # an optimizer step between building the operator and using it
     with pytest.raises(RuntimeError, match="changed in place after this Hessian-vector operator was built"):
         hvp(torch.ones(3))
+
+
+# --- both ends of the spectrum: Lanczos against dense Hessians -------------------------------------------------
+
+
+def _tiny_transformer(seed=0):
+    """Lightning's demo LM on random tokens: at initialization |λ_min| > λ_max, where power iteration goes wrong."""
+    from lightning.pytorch.demos import Transformer
+
+    torch.manual_seed(seed)
+    model = Transformer(vocab_size=16, ninp=8, nhead=2, nhid=8, nlayers=1, dropout=0.0)
+    tokens, targets = torch.randint(0, 16, (4, 6)), torch.randint(0, 16, (4, 6))
+    return model, lambda m, params=None: F.nll_loss(
+        m(tokens, tokens) if params is None else functional_call(m, params, (tokens, tokens)), targets.view(-1))
+
+
+def _dense_eigenvalues(model, loss_of_model):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    numels = [p.numel() for p in model.parameters()]
+
+    def loss_of(flat):
+        return loss_of_model(model, {n: piece.view(s) for n, piece, s in zip(names, flat.split(numels), shapes,
+                                                                               strict=True)})
+
+    with sdpa_kernel(SDPBackend.MATH):  # the fused CPU kernel has no double backward
+        dense = torch.func.hessian(loss_of)(flatten(list(model.parameters())).detach())
+    return torch.linalg.eigvalsh(dense.double())
+
+
+def _transformer_operator(model, loss_of_model):
+    with sdpa_kernel(SDPBackend.MATH):
+        return hessian_vector_operator(loss_of_model(model), list(model.parameters()))
+
+
+def test_lanczos_finds_both_ends_where_power_iteration_finds_the_negative_one():
+    model, loss_of = _tiny_transformer()
+    eigenvalues = _dense_eigenvalues(model, loss_of)
+    low, high = eigenvalues[0].item(), eigenvalues[-1].item()
+    assert -low > 1.5 * high > 0  # a saddle-like point: the largest magnitude is negative
+    hvp, grad = _transformer_operator(model, loss_of)
+    start = torch.randn(grad.numel(), generator=torch.Generator().manual_seed(1))
+    power, _ = power_iteration(hvp, start, iterations=40)
+    assert power.item() == pytest.approx(low, rel=0.02)  # the bug this replaces: "sharpness" < 0
+    pairs = lanczos(hvp, start, iterations=20, generator=torch.Generator().manual_seed(0))
+    assert pairs.lambda_max.item() == pytest.approx(high, rel=0.02)
+    assert pairs.lambda_min.item() == pytest.approx(low, rel=0.02)
+    for value, vector in ((pairs.lambda_max, pairs.vector_max), (pairs.lambda_min, pairs.vector_min)):
+        assert torch.linalg.vector_norm(vector).item() == pytest.approx(1.0, rel=1e-4)
+        residual = torch.linalg.vector_norm(hvp(vector) - value * vector).item()
+        assert residual < 0.05 * abs(low)  # Ritz pairs, not just values
+
+
+def test_lanczos_warm_start_after_training_steps_needs_few_products():
+    model, loss_of = _tiny_transformer(1)
+    hvp, grad = _transformer_operator(model, loss_of)
+    generator = torch.Generator().manual_seed(0)
+    previous = lanczos(hvp, torch.randn(grad.numel(), generator=generator), 20, generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(5):
+        optimizer.zero_grad()
+        with sdpa_kernel(SDPBackend.MATH):
+            loss_of(model).backward()
+        optimizer.step()
+    eigenvalues = _dense_eigenvalues(model, loss_of)
+    hvp, _ = _transformer_operator(model, loss_of)
+    warm = lanczos(hvp, previous.vector_max + previous.vector_min, 8, generator)
+    assert warm.lambda_max.item() == pytest.approx(eigenvalues[-1].item(), rel=0.02)
+    spectral_radius = eigenvalues.abs().max().item()
+    assert abs(warm.lambda_min.item() - eigenvalues[0].item()) < 0.02 * spectral_radius
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_extreme_eigenpairs_match_eigh_without_a_host_sync(seed):
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(12, 12, generator=generator, dtype=torch.float64)
+    matrix = a + a.T
+    matrix[0, 0] -= 30.0  # a dominant negative end, as at a saddle
+    low, high, v_low, v_high = extreme_eigenpairs(matrix)
+    values, vectors = torch.linalg.eigh(matrix)
+    torch.testing.assert_close(low, values[0], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(high, values[-1], rtol=1e-9, atol=1e-9)
+    assert abs(torch.dot(v_low, vectors[:, 0]).item()) == pytest.approx(1.0, abs=1e-8)
+    assert abs(torch.dot(v_high, vectors[:, -1]).item()) == pytest.approx(1.0, abs=1e-8)
+
+
+def test_lanczos_runs_without_host_syncs():
+    a = torch.randn(30, 30, generator=torch.Generator().manual_seed(0))
+    counts, enabled = {}, [True]
+    with count_host_syncs(counts, enabled):
+        lanczos(lambda v: (a + a.T) @ v, torch.ones(30), 10, torch.Generator().manual_seed(0))
+    assert counts == {}
+
+
+def test_lanczos_survives_an_invariant_start_and_more_iterations_than_dimensions():
+    diagonal = torch.tensor([3.0, 3.0, 3.0, -1.0, 0.5])
+    # e0 is an eigenvector: its Krylov space breaks down after one vector, the rest must come from fresh directions
+    pairs = lanczos(lambda v: diagonal * v, torch.eye(5)[0], iterations=50, generator=torch.Generator().manual_seed(0))
+    assert pairs.lambda_max.item() == pytest.approx(3.0, abs=1e-5)
+    assert pairs.lambda_min.item() == pytest.approx(-1.0, abs=1e-5)
+    identity = lanczos(lambda v: 2 * v, torch.ones(4), iterations=3, generator=torch.Generator().manual_seed(0))
+    assert identity.lambda_min.item() == pytest.approx(2.0) and identity.lambda_max.item() == pytest.approx(2.0)
+
+
+class _Squarer(nn.Module):
+    def forward(self, x):
+        return _OnceDifferentiableSquare.apply(x)
+
+
+def test_the_module_without_double_backward_is_named():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Sequential(nn.Linear(4, 4), _Squarer()),
+                        nn.Linear(4, 1))
+    x = torch.randn(5, 3)
+    assert module_without_double_backward(net, lambda: net(x).sum()) == "2.1"
+    healthy = nn.Sequential(nn.Linear(3, 4), nn.ReLU(inplace=True), nn.Linear(4, 1))
+    assert module_without_double_backward(healthy, lambda: healthy(x).sum()) is None

@@ -1,4 +1,4 @@
-"""CurvatureMonitor: the sharpness λ_max of the loss during training, against the optimizer's stability threshold."""
+"""CurvatureMonitor: both ends of the loss's Hessian spectrum during training, against the stability threshold."""
 
 from __future__ import annotations
 
@@ -8,47 +8,59 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from traincraft._steps import completed_step_is_logging
+from traincraft._sharded import refuse_sharded
+from traincraft._steps import batch_steps, batches_stepped, completed_step_is_logging
 from traincraft.metrics.hessian import (
+    DoubleBackwardError,
     directional_curvature,
     effective_rate_diagonal,
     hessian_vector_operator,
     hutchinson_trace,
     is_preconditioned,
+    lanczos,
+    module_without_double_backward,
     params_of,
-    power_iteration,
     scaled_operator,
     stability_threshold,
 )
 
-_KEYS = ("lambda_max", "eta_opt", "directional", "trace", "eta_lambda", "threshold", "stability_ratio")
-
 
 class CurvatureMonitor(Callback):
-    """Every N steps, the top Hessian eigenvalue on a fixed probe batch, and what it means for the learning rate.
+    """Every N stepped batches, both ends of the Hessian's spectrum on a fixed probe batch, and what they mean.
 
     Along a direction of curvature h the best rate is 1/h and gradient descent diverges above 2/h (the theory);
-    Cohen et al. (2021) found that full-batch training drives λ_max up to 2/η and keeps it there ("edge of
-    stability"). This callback measures λ_max by power iteration on Hessian-vector products, warm-started from the
-    previous eigenvector (so a few iterations suffice), and compares the step's curvature η·λ with the optimizer's
-    stability threshold (:func:`~traincraft.metrics.hessian.stability_threshold`): 2 for gradient descent, 2+2β for
-    heavy-ball momentum, and for Adam/AdamW/RMSprop/Adagrad the preconditioned sharpness from their second-moment
-    state against (2+2β₁)/(1-β₁) (Cohen et al. 2022). ``stability_ratio`` near 1 means training is at the edge.
+    Cohen et al. (2021) found that full-batch training drives the sharpness λ_max up to 2/η and keeps it there
+    ("edge of stability"). λ_max here is the largest *algebraic* eigenvalue: off a minimum (early training,
+    saddles, transformers) the eigenvalue of largest magnitude, which power iteration finds, is often a large
+    negative one. The monitor runs Lanczos with full reorthogonalization on Hessian-vector products
+    (:func:`~traincraft.metrics.hessian.lanczos`), warm-started from the previous probe's extreme eigenvectors, which
+    gives λ_max and λ_min together. It compares the step's curvature η·λ with the optimizer's stability threshold
+    (:func:`~traincraft.metrics.hessian.stability_threshold`): 2 for gradient descent, 2+2β for heavy-ball momentum,
+    and for Adam/AdamW/RMSprop/Adagrad the preconditioned sharpness from their second-moment state against
+    (2+2β₁)/(1-β₁) (Cohen et al. 2022). ``stability_ratio`` near 1 means training is at the edge. A large negative
+    λ_min means the weights are not near a minimum: near a saddle point (if the gradient is small too) training
+    slows, and it leaves the saddle along the negative direction only as fast as (1 + η|λ_min|) per step.
 
     The probe does not disturb training: it differentiates with ``torch.autograd.grad`` (nothing lands in
     ``.grad``), restores every buffer (BatchNorm running statistics), forks the RNG (dropout masks of training
-    are unchanged), runs in fp32 outside autocast, and keeps the module's train/eval mode. The probe batch is the
-    first training batch seen in this fit (after the DataModule's transfer), truncated to ``probe_batch_size``.
-    The loss is ``pl_module.probe_loss(batch)`` if the module defines it, else
+    are unchanged), runs in fp32 outside autocast (also under ``bf16-mixed``), keeps the module's train/eval mode,
+    and runs ``scaled_dot_product_attention`` with its math backend (the fused kernels have no double backward).
+    The probe batch is the first training batch seen in this fit (after the DataModule's transfer), truncated to
+    ``probe_batch_size``. The loss is ``pl_module.probe_loss(batch)`` if the module defines it, else
     ``pl_module.compute_loss(pl_module(x), y)`` on ``(x, y)`` (as :class:`~traincraft.modules.ImageClassifier`).
-    Results stay on the device and are logged at the first logging step after each probe (averaged over ranks).
+    Results stay on the device (nothing syncs with the host, also on probe steps) and are logged at the first
+    logging step after each probe (averaged over ranks).
 
     ================================ ================================================================
     key                              meaning
     ================================ ================================================================
-    ``curvature/lambda_max``         top Hessian eigenvalue of the loss (largest in magnitude)
-    ``curvature/eta_opt``            1/λ_max: the best rate along the sharpest direction
+    ``curvature/lambda_max``         largest algebraic Hessian eigenvalue of the loss (the sharpness)
+    ``curvature/lambda_min``         smallest algebraic Hessian eigenvalue (negative: negative curvature)
+    ``curvature/eta_opt``            1/λ_max: the best rate along the sharpest direction (inf if λ_max ≤ 0)
+    ``curvature/negative_ratio``     max(0, -λ_min) / λ_max: negative curvature relative to the sharpness
+    ``curvature/saddle``             1 if negative_ratio > ``saddle_ratio``, else 0
     ``curvature/directional``        gᵀHg/‖g‖², curvature along the gradient (``directional=True``)
     ``curvature/trace``              Hutchinson estimate of tr(H) (``hutchinson_samples > 0``)
     ``curvature/eta_lambda``         η·λ_max of the step, preconditioned for adaptive optimizers
@@ -56,18 +68,34 @@ class CurvatureMonitor(Callback):
     ``curvature/stability_ratio``    eta_lambda / threshold: 1 is the edge of stability
     ================================ ================================================================
 
-    The last three are logged only for optimizers with a known threshold (SGD, Adam, AdamW, RMSprop, Adagrad).
-    With several parameter groups or adaptive optimizers η·λ is λ_max(D^½HD^½), D the per-weight step size; a
-    second warm-started power iteration computes it. Only the first optimizer is probed. Weight decay is not
-    included (coupled decay adds it to λ).
+    The last three are logged only for optimizers with a known threshold (SGD, Adam, AdamW, RMSprop, Adagrad),
+    and for adaptive ones from their first step on. With several parameter groups at different rates or an adaptive
+    optimizer, η·λ is the largest algebraic eigenvalue of D^½HD^½, D the per-weight step size (a second Lanczos run).
+    Weight decay is not included (coupled decay adds it to λ).
+
+    What is probed: with one optimizer, the Hessian over all trainable parameters. With several optimizers (manual
+    optimization, e.g. a GAN), the module must define ``probe_loss(batch)``, and the Hessian of that loss is taken
+    over the parameters of ``trainer.optimizers[optimizer_index]``, whose learning rates, preconditioner and
+    threshold give eta_lambda (e.g. the discriminator's loss and optimizer).
+
+    Cost: one gradient with its graph, plus ``iterations`` Hessian-vector products (each about 2-3 training steps),
+    one more for ``directional``, ``hutchinson_samples`` more, and as many again for adaptive optimizers; memory for
+    ``iterations`` flat fp32 copies of the probed parameters. ``docs/learning-rate.md`` has measured figures.
 
     Args:
-        every_n_steps: probe after optimizer steps 1, 1+N, 1+2N, ...
-        iterations: power iterations of a warm-started probe.
-        first_iterations: power iterations of the first (cold) probe.
+        every_n_steps: probe after the training batches that stepped number 1, 1+N, 1+2N, ... in this fit.
+            It counts batches that ended with optimizer step(s), as Lightning's ``log_every_n_steps`` does: a batch
+            of a two-optimizer GAN counts once (``trainer.global_step`` moves by 2), an accumulation window of
+            ``accumulate_grad_batches`` micro-batches counts once.
+        iterations: Lanczos iterations (Hessian-vector products) of a warm-started probe.
+        first_iterations: Lanczos iterations of the first (cold) probe.
         directional: also compute the directional curvature (one more product).
         hutchinson_samples: Rademacher samples for the trace estimate (0: off; each costs one product).
         probe_batch_size: use only the first this many samples of the probe batch (``None``: all).
+        saddle_ratio: ``curvature/saddle`` is 1 when λ_min < -saddle_ratio·λ_max. At the rate 1/λ_max a step
+            then grows the component along the most negative direction by at least (1 + saddle_ratio): 0.1 means
+            negative curvature that a gradient step feels within about ten steps.
+        optimizer_index: with several optimizers, which one's parameters and preconditioner are probed.
 
     Example:
         >>> CurvatureMonitor(every_n_steps=25, iterations=5).state_key
@@ -77,55 +105,88 @@ class CurvatureMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        iterations: int = 5,
+        iterations: int = 8,
         first_iterations: int = 20,
         directional: bool = True,
         hutchinson_samples: int = 0,
         probe_batch_size: Optional[int] = None,
+        saddle_ratio: float = 0.1,
+        optimizer_index: int = 0,
     ) -> None:
         for name, value, low in (("every_n_steps", every_n_steps, 1), ("iterations", iterations, 1),
-                                 ("first_iterations", first_iterations, 1), ("hutchinson_samples", hutchinson_samples, 0)):
-            if not isinstance(value, int) or value < low:
+                                 ("first_iterations", first_iterations, 1), ("hutchinson_samples", hutchinson_samples, 0),
+                                 ("optimizer_index", optimizer_index, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
         if probe_batch_size is not None and (not isinstance(probe_batch_size, int) or probe_batch_size < 1):
             raise ValueError(f"probe_batch_size must be None or an integer >= 1; got {probe_batch_size!r}.")
+        if not isinstance(saddle_ratio, (int, float)) or isinstance(saddle_ratio, bool) or not 0 <= saddle_ratio < 1e9:
+            raise ValueError(f"saddle_ratio must be a number >= 0 (e.g. 0.1); got {saddle_ratio!r}.")
+        if not isinstance(directional, bool):
+            raise ValueError(f"directional must be True or False; got {directional!r}.")
         self.every_n_steps = every_n_steps
         self.iterations = iterations
         self.first_iterations = first_iterations
         self.directional = directional
         self.hutchinson_samples = hutchinson_samples
         self.probe_batch_size = probe_batch_size
+        self.saddle_ratio = float(saddle_ratio)
+        self.optimizer_index = optimizer_index
+        # warm starts: the extreme eigenvectors of H, and of D^½HD^½ for adaptive optimizers
         self.eigenvector: Optional[Tensor] = None
+        self.eigenvector_min: Optional[Tensor] = None
         self.scaled_eigenvector: Optional[Tensor] = None
+        self.scaled_eigenvector_min: Optional[Tensor] = None
         self.last: dict[str, Tensor] = {}  # device scalars of the latest probe, read by LearningRateGovernor
         self.probes = 0
         self._probe_batch: Any = None
         self._fresh = False
-        self._last_probe_step = -1
+        self._last_probe_batch = -1
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, iterations=self.iterations)
+        extra = {"optimizer_index": self.optimizer_index} if self.optimizer_index else {}
+        return self._generate_state_key(every_n_steps=self.every_n_steps, iterations=self.iterations, **extra)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded(pl_module, type(self).__name__, "Hessian-vector products")
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_sharded(pl_module, type(self).__name__, "Hessian-vector products")  # strategies shard after setup
+        name = type(pl_module).__name__
+        count = len(trainer.optimizers)
+        if self.optimizer_index >= max(count, 1):
+            raise ValueError(
+                f"CurvatureMonitor(optimizer_index={self.optimizer_index}) but {name} has {count} optimizer(s); "
+                f"use an index below {count}."
+            )
+        if count > 1 and not hasattr(pl_module, "probe_loss"):
+            raise TypeError(
+                f"CurvatureMonitor: {name} has {count} optimizers, so which loss to probe is not defined (a GAN's "
+                "generator and discriminator minimize different losses). Add `def probe_loss(self, batch): return "
+                f"<the loss optimizer {self.optimizer_index} minimizes on batch>` to {name} (no logging, no metric "
+                "updates); the Hessian is taken over that optimizer's parameters (choose it with optimizer_index)."
+            )
         if not hasattr(pl_module, "probe_loss") and not hasattr(pl_module, "compute_loss"):
             raise TypeError(
-                f"CurvatureMonitor needs the loss of a batch: {type(pl_module).__name__} has neither "
+                f"CurvatureMonitor needs the loss of a batch: {name} has neither "
                 "probe_loss(batch) nor compute_loss(logits, targets). Add `def probe_loss(self, batch): return "
                 "<the training loss of batch>` to it (no logging, no metric updates)."
             )
         self._probe_batch = None
         self._fresh = False
-        self._last_probe_step = -1
+        self._last_probe_batch = -1
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._probe_batch is None:
             self._probe_batch = _detached_head(batch, self.probe_batch_size)
-        step = trainer.global_step
-        if step > 0 and step != self._last_probe_step and (step - 1) % self.every_n_steps == 0:
-            self._last_probe_step = step
-            self.last = self.probe(pl_module, trainer.optimizers[0] if trainer.optimizers else None)
+        stepped = batches_stepped(trainer)  # batches that stepped before this one: a host int, no sync
+        if batch_steps(trainer) and stepped != self._last_probe_batch and stepped % self.every_n_steps == 0:
+            self._last_probe_batch = stepped
+            optimizers = trainer.optimizers
+            self.last = self.probe(pl_module, optimizers[self.optimizer_index] if optimizers else None,
+                                   several=len(optimizers) > 1)
             self.probes += 1
             self._fresh = True
         if self._fresh and completed_step_is_logging(trainer):
@@ -133,54 +194,99 @@ class CurvatureMonitor(Callback):
             keys = list(self.last)
             values = trainer.strategy.reduce(torch.stack([self.last[k] for k in keys]), reduce_op="mean")
             host = values.tolist()  # sync point: logging step only
-            pl_module.log_dict({f"curvature/{k}": v for k, v in zip(keys, host, strict=False)}, on_step=True, on_epoch=False)
+            pl_module.log_dict({f"curvature/{k}": v for k, v in zip(keys, host, strict=True)}, on_step=True,
+                               on_epoch=False)
 
-    def probe(self, pl_module: pl.LightningModule, optimizer: Optional[torch.optim.Optimizer]) -> dict[str, Tensor]:
-        """Measure the curvature at the current weights on the probe batch; returns device scalars by key."""
+    def probe(self, pl_module: pl.LightningModule, optimizer: Optional[torch.optim.Optimizer],
+              several: bool = False) -> dict[str, Tensor]:
+        """Measure the curvature at the current weights on the probe batch; returns device scalars by key.
+
+        ``several``: the module has several optimizers; then only ``optimizer``'s parameters are probed.
+        """
         if self._probe_batch is None:
             raise RuntimeError("no probe batch yet: probe() runs after the first training batch.")
         optimizer = getattr(optimizer, "optimizer", optimizer)
         params = params_of(pl_module)
+        if several and optimizer is not None:
+            held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            params = [p for p in params if id(p) in held]
+        if not params:
+            raise ValueError(f"CurvatureMonitor: {type(pl_module).__name__} has no trainable parameters to probe.")
         device = params[0].device
         buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
         fork = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
         try:
-            with fork, torch.autocast(device.type, enabled=False), torch.enable_grad():
-                loss = self._loss(pl_module, self._probe_batch).float()
-                hvp, gradient = hessian_vector_operator(loss, params)
-                results = self._measure(hvp, gradient, optimizer, params, device)
+            with fork, torch.autocast(device.type, enabled=False), torch.enable_grad(), \
+                    sdpa_kernel(SDPBackend.MATH):
+                try:
+                    loss = self._loss(pl_module, self._probe_batch).float()
+                    hvp, gradient = hessian_vector_operator(loss, params)
+                    results = self._measure(hvp, gradient, optimizer, params, device)
+                except DoubleBackwardError as error:
+                    raise self._name_the_module(pl_module, error) from error
         finally:
             with torch.no_grad():
                 for buffer, saved in buffers:
                     buffer.copy_(saved)
         return results
 
+    def _name_the_module(self, pl_module: pl.LightningModule, error: DoubleBackwardError) -> DoubleBackwardError:
+        culprit = module_without_double_backward(pl_module, lambda: self._loss(pl_module, self._probe_batch))
+        owner = type(pl_module).__name__
+        if culprit is None:
+            where = f"an operation in {owner}'s loss (not traced to one module)"
+        elif culprit == "":
+            where = f"the forward of {owner} itself (outside its submodules)"
+        else:
+            where = f"the module '{culprit}' ({type(pl_module.get_submodule(culprit)).__name__})"
+        return DoubleBackwardError(
+            f"CurvatureMonitor: {where} does not support double backward, which Hessian-vector products need "
+            f"({error.reason}). Replace its operations marked @once_differentiable (custom autograd Functions, fused "
+            "kernels) with differentiable ones, or remove CurvatureMonitor from the callbacks for this model."
+        )
+
     def _measure(self, hvp, gradient: Tensor, optimizer, params: list[nn.Parameter], device) -> dict[str, Tensor]:
         size = gradient.numel()
-        cold = self.eigenvector is None or self.eigenvector.numel() != size
-        init = self._random(size, device) if cold else self.eigenvector.to(device)
-        lam, self.eigenvector = power_iteration(hvp, init, self.first_iterations if cold else self.iterations)
-        results = {"lambda_max": lam, "eta_opt": 1.0 / lam}
+        generator = torch.Generator(device=device).manual_seed(self.probes)
+        cold = self.eigenvector is None or self.eigenvector.numel() != size or self.eigenvector_min is None
+        # one start vector holding both previous ends converged fastest (docs/learning-rate.md)
+        start = self._random(size, device) if cold else self.eigenvector.to(device) + self.eigenvector_min.to(device)
+        pairs = lanczos(hvp, start, self.first_iterations if cold else self.iterations, generator)
+        self.eigenvector, self.eigenvector_min = pairs.vector_max, pairs.vector_min
+        lam, low = pairs.lambda_max, pairs.lambda_min
+        positive = lam > 0
+        negative = (-low).clamp_min(0)
+        ratio = torch.where(positive, negative / torch.where(positive, lam, 1.0),
+                            torch.where(negative > 0, torch.inf, 0.0))
+        results = {
+            "lambda_max": lam,
+            "lambda_min": low,
+            "eta_opt": torch.where(positive, 1.0 / torch.where(positive, lam, 1.0), torch.inf),
+            "negative_ratio": ratio,
+            "saddle": (ratio > self.saddle_ratio).float(),
+        }
         if self.directional:
             results["directional"] = directional_curvature(hvp, gradient)
         if self.hutchinson_samples:
-            generator = torch.Generator(device=device).manual_seed(self.probes)
             results["trace"] = hutchinson_trace(hvp, size, self.hutchinson_samples, generator, device)
         threshold = stability_threshold(optimizer) if optimizer is not None else None
         if threshold is None:
             return results
         rates = {float(g["lr"]) * (1 - float(g.get("dampening", 0.0))) for g in optimizer.param_groups}
         if not is_preconditioned(optimizer) and len(rates) == 1:
-            eta_lambda = rates.pop() * lam  # one rate: η·λ_max needs no second iteration
+            eta_lambda = rates.pop() * lam  # one rate: η·λ_max needs no second run
         else:
             diagonal = effective_rate_diagonal(optimizer, params)
             if diagonal is None:  # adaptive optimizer before its first step: no preconditioner yet
                 return results
-            cold = self.scaled_eigenvector is None or self.scaled_eigenvector.numel() != size
-            init = self._random(size, device) if cold else self.scaled_eigenvector.to(device)
-            eta_lambda, self.scaled_eigenvector = power_iteration(
-                scaled_operator(hvp, diagonal), init, self.first_iterations if cold else self.iterations
-            )
+            cold = self.scaled_eigenvector is None or self.scaled_eigenvector.numel() != size \
+                or self.scaled_eigenvector_min is None
+            start = self._random(size, device) if cold else \
+                self.scaled_eigenvector.to(device) + self.scaled_eigenvector_min.to(device)
+            scaled = lanczos(scaled_operator(hvp, diagonal), start, self.first_iterations if cold else self.iterations,
+                             generator)
+            self.scaled_eigenvector, self.scaled_eigenvector_min = scaled.vector_max, scaled.vector_min
+            eta_lambda = scaled.lambda_max
         results["eta_lambda"] = eta_lambda
         results["threshold"] = torch.full((), threshold, device=device)
         results["stability_ratio"] = eta_lambda / threshold
@@ -204,16 +310,16 @@ class CurvatureMonitor(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"probes": self.probes}
-        if self.eigenvector is not None:
-            state["eigenvector"] = self.eigenvector.detach().cpu()
-        if self.scaled_eigenvector is not None:
-            state["scaled_eigenvector"] = self.scaled_eigenvector.detach().cpu()
+        for key in ("eigenvector", "eigenvector_min", "scaled_eigenvector", "scaled_eigenvector_min"):
+            value = getattr(self, key)
+            if value is not None:
+                state[key] = value.detach().cpu()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.probes = int(state_dict.get("probes", 0))
-        self.eigenvector = state_dict.get("eigenvector")
-        self.scaled_eigenvector = state_dict.get("scaled_eigenvector")
+        for key in ("eigenvector", "eigenvector_min", "scaled_eigenvector", "scaled_eigenvector_min"):
+            setattr(self, key, state_dict.get(key))
 
 
 def _detached_head(batch: Any, size: Optional[int]) -> Any:
@@ -224,4 +330,3 @@ def _detached_head(batch: Any, size: Optional[int]) -> Any:
     if isinstance(batch, dict):
         return {key: _detached_head(value, size) for key, value in batch.items()}
     return batch
-
