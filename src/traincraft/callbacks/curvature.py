@@ -105,8 +105,8 @@ class CurvatureMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        iterations: int = 8,
-        first_iterations: int = 20,
+        iterations: int = 12,
+        first_iterations: int = 24,
         directional: bool = True,
         hutchinson_samples: int = 0,
         probe_batch_size: Optional[int] = None,
