@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -10,6 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from traincraft.checkpoint import verify_checkpoint
 from traincraft.data import ImageDataModule
 from traincraft.modules import ImageClassifier
 
@@ -28,6 +30,7 @@ DEFAULTS: dict[str, Any] = {
     "trainer.max_epochs": 15,
     "trainer.default_root_dir": "runs",
     "trainer.log_every_n_steps": 10,
+    "trainer.plugins": [{"class_path": "traincraft.checkpoint.SafeCheckpointIO"}],  # crash-safe, verified
     "trainer.logger": [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}},
         {"class_path": "traincraft.loggers.WandbLogger", "init_args": {"save_dir": "runs", "project": "traincraft"}},
@@ -75,6 +78,12 @@ class TraincraftCLI(LightningCLI):
             run=run,
             **kwargs,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        super().parse_arguments(parser, args)
+        ckpt_path = self.config.get(str(self.config.get("subcommand")), {}).get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # before LightningCLI torch.loads it for hyperparameters
+            verify_checkpoint(ckpt_path)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
