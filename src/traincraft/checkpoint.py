@@ -19,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import secrets
+import socket
 import zipfile
 from collections.abc import Callable
 from contextlib import suppress
@@ -48,12 +50,26 @@ class CheckpointError(ValueError):
     """
 
 
+_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
+
+
 def _temporary_name(name: str) -> str:
-    return f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+    return f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
 
 
-def _is_temporary_of(entry: str, name: str) -> bool:
-    return entry.startswith(f".{name}.") and entry.endswith(".tmp")
+def _is_stale_temporary(entry: str) -> bool:
+    """A temporary file of a save whose writer, a process of this host, is gone (killed mid-save)."""
+    match = _TEMPORARY.match(entry)
+    if match is None or match["host"] != _HOST or os.name == "nt":  # other hosts' writers cannot be checked
+        return False
+    try:
+        os.kill(int(match["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False
+    return False
 
 
 def _digest(data: memoryview) -> str:
@@ -259,7 +275,7 @@ def _write_atomically(path: str, pieces: list[memoryview | bytes]) -> None:
     directory, name = os.path.split(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     for entry in os.listdir(directory):  # left by a save that was killed: never a checkpoint, safe to drop
-        if _is_temporary_of(entry, name):
+        if _is_stale_temporary(entry):
             with suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, entry))
     temporary = os.path.join(directory, _temporary_name(name))
@@ -285,8 +301,8 @@ class SafeCheckpointIO(TorchCheckpointIO):
     plain ``torch.load`` input), written to a temporary file *in the target's directory*, flushed, ``fsync``'d,
     renamed over the target with ``os.replace`` and the directory ``fsync``'d. A kill at any moment leaves the
     previous file intact; a save that raises removes its temporary file, and temporary files of a killed save
-    (``.<name>.<pid>-<hex>.tmp``, hidden and not ``*.ckpt``, so Lightning never picks them) are deleted by the next
-    save of the same name. Remote fsspec URLs (``s3://``, ...) are written in one ``pipe`` call.
+    (``.<name>.<host>-<pid>-<hex>.tmp``, hidden and not ``*.ckpt``, so Lightning never picks them) are deleted by
+    the next save into that directory once their writer process is gone (files of other hosts are left). Remote fsspec URLs (``s3://``, ...) are written in one ``pipe`` call.
 
     Loading: the file is verified first (:func:`verify_checkpoint`), then read with ``weights_only=True`` unless
     the caller asks otherwise. Anything wrong raises :class:`CheckpointError` naming the file and the other
