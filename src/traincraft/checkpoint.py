@@ -166,7 +166,7 @@ def _inspect(path: str) -> Optional[str]:
         head = f.read(16)
         if head.startswith(b"\x80"):  # torch's legacy (pre-zip) format: torch.load decides
             return None
-        if not head.startswith(b"PK\x03\x04"):
+        if not b"PK\x03\x04".startswith(head[:4]):  # (a file cut inside the signature is a cut zip too)
             raise CheckpointError(f"is {_describe_foreign(head)}")
         f.seek(0)
         try:
