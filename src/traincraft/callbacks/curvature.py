@@ -79,8 +79,10 @@ class CurvatureMonitor(Callback):
     threshold give eta_lambda (e.g. the discriminator's loss and optimizer).
 
     Cost: one gradient with its graph, plus ``iterations`` Hessian-vector products (each about 2-3 training steps),
-    one more for ``directional``, ``hutchinson_samples`` more, and as many again for adaptive optimizers; memory for
-    ``iterations`` flat fp32 copies of the probed parameters. ``docs/learning-rate.md`` has measured figures.
+    ``hutchinson_samples`` more, and as many again for adaptive optimizers; memory for ``iterations`` flat fp32
+    copies of the probed parameters. A default probe costs about 20-35 training steps at equal batch, so the default
+    interval of 1000 keeps the amortized cost near 3% of a fit (``docs/learning-rate.md`` has the measurements);
+    ``probe_batch_size`` cuts it in proportion.
 
     Args:
         every_n_steps: probe after the training batches that stepped number 1, 1+N, 1+2N, ... in this fit.
@@ -89,7 +91,8 @@ class CurvatureMonitor(Callback):
             ``accumulate_grad_batches`` micro-batches counts once.
         iterations: Lanczos iterations (Hessian-vector products) of a warm-started probe.
         first_iterations: Lanczos iterations of the first (cold) probe.
-        directional: also compute the directional curvature (one more product).
+        directional: also compute the directional curvature gᵀHg/‖g‖² (free: the gradient is the last Lanczos
+            vector, in place of a Krylov one).
         hutchinson_samples: Rademacher samples for the trace estimate (0: off; each costs one product).
         probe_batch_size: use only the first this many samples of the probe batch (``None``: all).
         saddle_ratio: ``curvature/saddle`` is 1 when λ_min < -saddle_ratio·λ_max. At the rate 1/λ_max a step
@@ -104,9 +107,9 @@ class CurvatureMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int = 1000,
         iterations: int = 12,
-        first_iterations: int = 24,
+        first_iterations: int = 20,
         directional: bool = True,
         hutchinson_samples: int = 0,
         probe_batch_size: Optional[int] = None,
@@ -251,7 +254,9 @@ class CurvatureMonitor(Callback):
         cold = self.eigenvector is None or self.eigenvector.numel() != size or self.eigenvector_min is None
         # one start vector holding both previous ends converged fastest (docs/learning-rate.md)
         start = self._random(size, device) if cold else self.eigenvector.to(device) + self.eigenvector_min.to(device)
-        pairs = lanczos(hvp, start, self.first_iterations if cold else self.iterations, generator)
+        # the gradient enters the basis last: the directional curvature costs no product of its own
+        pairs = lanczos(hvp, start, self.first_iterations if cold else self.iterations, generator,
+                        also=gradient if self.directional and size > 1 else None)
         self.eigenvector, self.eigenvector_min = pairs.vector_max, pairs.vector_min
         lam, low = pairs.lambda_max, pairs.lambda_min
         positive = lam > 0
@@ -266,7 +271,8 @@ class CurvatureMonitor(Callback):
             "saddle": (ratio > self.saddle_ratio).float(),
         }
         if self.directional:
-            results["directional"] = directional_curvature(hvp, gradient)
+            results["directional"] = pairs.quotient if pairs.quotient is not None else \
+                directional_curvature(hvp, gradient)
         if self.hutchinson_samples:
             results["trace"] = hutchinson_trace(hvp, size, self.hutchinson_samples, generator, device)
         threshold = stability_threshold(optimizer) if optimizer is not None else None

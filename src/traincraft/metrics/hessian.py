@@ -238,10 +238,11 @@ class ExtremeEigenpairs(NamedTuple):
     lambda_max: Tensor
     vector_min: Tensor
     vector_max: Tensor
+    quotient: Optional[Tensor] = None  # aᵀHa/aᵀa of the ``also`` vector, when one was given
 
 
 def lanczos(operator: Operator, starts: Union[Tensor, Sequence[Tensor]], iterations: int,
-            generator: Optional[torch.Generator] = None) -> ExtremeEigenpairs:
+            generator: Optional[torch.Generator] = None, also: Optional[Tensor] = None) -> ExtremeEigenpairs:
     """Largest and smallest *algebraic* eigenvalues of a symmetric operator, by Lanczos with full reorthogonalization.
 
     Power iteration converges to the eigenvalue of largest magnitude, which off a minimum (saddles, early training,
@@ -261,6 +262,9 @@ def lanczos(operator: Operator, starts: Union[Tensor, Sequence[Tensor]], iterati
         starts: one start vector, or several (warm starts); any scale, not all zero.
         iterations: operator products, i.e. the basis size (capped at the dimension).
         generator: for the random vectors that replace a breakdown.
+        also: a vector a whose Rayleigh quotient aᵀHa/aᵀa is wanted too (the gradient: the directional
+            curvature). It becomes the last basis vector instead of a Krylov one, so a lies in the basis and its
+            quotient is read off QᵀHQ exactly, for no extra product (``iterations`` >= 2).
 
     Example:
         >>> A = torch.diag(torch.tensor([2.0, 1.0, -0.5, -5.0]))  # power iteration would find -5
@@ -278,6 +282,9 @@ def lanczos(operator: Operator, starts: Union[Tensor, Sequence[Tensor]], iterati
         raise ValueError(f"start vectors must be flat and of one size; got shapes {[tuple(s.shape) for s in starts]}.")
     device = starts[0].device
     steps = min(iterations, size)
+    if also is not None and (steps < 2 or also.shape != starts[0].shape):
+        raise ValueError(f"also needs iterations >= 2, a dimension >= 2 and the start's shape; got {iterations} "
+                         f"iterations, dimension {size}, shape {tuple(also.shape)}.")
     basis = torch.zeros(steps, size, device=device)
     projected = torch.zeros(steps, steps, device=device, dtype=torch.float64)
     filled = 0
@@ -289,13 +296,19 @@ def lanczos(operator: Operator, starts: Union[Tensor, Sequence[Tensor]], iterati
         coefficients = basis[:filled] @ image  # column j of QᵀHQ for the vectors so far (i ≤ j among them)
         projected[:filled, j] = coefficients.double()
         if filled < steps:
-            basis[filled] = _orthonormal(image - coefficients @ basis[:filled], basis[:filled], generator)
+            last = also is not None and filled == steps - 1
+            candidate = also.float() if last else image - coefficients @ basis[:filled]
+            basis[filled] = _orthonormal(candidate, basis[:filled], generator)
             filled += 1
     upper = projected.triu()
     projected = upper + upper.T - torch.diag(upper.diagonal())
     low, high, y_low, y_high = extreme_eigenpairs(projected)
     vector_min, vector_max = y_low.float() @ basis, y_high.float() @ basis
-    return ExtremeEigenpairs(low.float(), high.float(), vector_min, vector_max)
+    quotient = None
+    if also is not None:
+        c = (basis @ (also.float() / torch.linalg.vector_norm(also.float()).clamp_min(_TINY))).double()
+        quotient = (c @ projected @ c / (c @ c).clamp_min(_TINY)).float()
+    return ExtremeEigenpairs(low.float(), high.float(), vector_min, vector_max, quotient)
 
 
 def _orthonormal(vector: Tensor, basis: Tensor, generator: Optional[torch.Generator]) -> Tensor:
