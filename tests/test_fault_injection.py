@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from traincraft.checkpoint import SafeCheckpointIO, verify_checkpoint
@@ -68,6 +69,7 @@ def _kill(process: subprocess.Popen, ckpts: Path, write: int = 0, delay: float =
     return True
 
 
+@pytest.mark.slow
 def test_sigkilled_fits_resume_to_the_uninterrupted_weights(tmp_path):
     env = dict(os.environ)
     shm = Path("/dev/shm")
