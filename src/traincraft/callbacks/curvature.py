@@ -26,6 +26,9 @@ from traincraft.metrics.hessian import (
     stability_threshold,
 )
 
+_EXAMPLES = {"every_n_steps": 1000, "iterations": 12, "first_iterations": 20, "hutchinson_samples": 0,
+             "optimizer_index": 0}
+
 
 class CurvatureMonitor(Callback):
     """Every N stepped batches, both ends of the Hessian's spectrum on a fixed probe batch, and what they mean.
@@ -120,13 +123,14 @@ class CurvatureMonitor(Callback):
                                  ("first_iterations", first_iterations, 1), ("hutchinson_samples", hutchinson_samples, 0),
                                  ("optimizer_index", optimizer_index, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+                raise ValueError(f"{name} must be an integer >= {low}; got {value!r}. Pass e.g. {_EXAMPLES[name]}.")
         if probe_batch_size is not None and (not isinstance(probe_batch_size, int) or probe_batch_size < 1):
-            raise ValueError(f"probe_batch_size must be None or an integer >= 1; got {probe_batch_size!r}.")
+            raise ValueError(f"probe_batch_size must be None (the whole first batch) or an integer >= 1; got "
+                             f"{probe_batch_size!r}. Pass e.g. 32.")
         if not isinstance(saddle_ratio, (int, float)) or isinstance(saddle_ratio, bool) or not 0 <= saddle_ratio < 1e9:
-            raise ValueError(f"saddle_ratio must be a number >= 0 (e.g. 0.1); got {saddle_ratio!r}.")
+            raise ValueError(f"saddle_ratio must be a number >= 0; got {saddle_ratio!r}. Pass e.g. 0.1 (the default).")
         if not isinstance(directional, bool):
-            raise ValueError(f"directional must be True or False; got {directional!r}.")
+            raise ValueError(f"directional must be True or False; got {directional!r}. Pass a bool.")
         self.every_n_steps = every_n_steps
         self.iterations = iterations
         self.first_iterations = first_iterations
@@ -207,14 +211,16 @@ class CurvatureMonitor(Callback):
         ``several``: the module has several optimizers; then only ``optimizer``'s parameters are probed.
         """
         if self._probe_batch is None:
-            raise RuntimeError("no probe batch yet: probe() runs after the first training batch.")
+            raise RuntimeError("no probe batch yet: probe() runs after the first training batch; call it from a training "
+                               "hook (or set monitor._probe_batch to a batch first).")
         optimizer = getattr(optimizer, "optimizer", optimizer)
         params = params_of(pl_module)
         if several and optimizer is not None:
             held = {id(p) for group in optimizer.param_groups for p in group["params"]}
             params = [p for p in params if id(p) in held]
         if not params:
-            raise ValueError(f"CurvatureMonitor: {type(pl_module).__name__} has no trainable parameters to probe.")
+            raise ValueError(f"CurvatureMonitor: {type(pl_module).__name__} has no trainable parameters to probe (none with "
+                             "requires_grad=True held by the probed optimizer). Unfreeze some, or remove the callback.")
         device = params[0].device
         buffers = [(b, b.detach().clone()) for b in pl_module.buffers()]
         fork = torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])

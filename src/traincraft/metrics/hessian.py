@@ -221,7 +221,7 @@ def power_iteration(operator: Operator, init: Tensor, iterations: int) -> tuple[
         (3.0, 0)
     """
     if iterations < 1:
-        raise ValueError(f"iterations must be >= 1; got {iterations}.")
+        raise ValueError(f"iterations must be an integer >= 1 (operator products); got {iterations!r}. Pass e.g. 20.")
     vector = init.float() / torch.linalg.vector_norm(init.float()).clamp_min(_TINY)
     value = torch.zeros((), device=init.device)
     for _ in range(iterations):
@@ -273,18 +273,20 @@ def lanczos(operator: Operator, starts: Union[Tensor, Sequence[Tensor]], iterati
         (2.0, -5.0)
     """
     if not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be an integer >= 1; got {iterations!r}.")
+        raise ValueError(f"iterations must be an integer >= 1 (operator products); got {iterations!r}. Pass e.g. 20.")
     starts = [starts] if isinstance(starts, Tensor) else list(starts)
     if not starts:
         raise ValueError("starts is empty: pass at least one start vector (e.g. torch.randn(n)).")
     size = starts[0].numel()
     if any(s.ndim != 1 or s.numel() != size for s in starts):
-        raise ValueError(f"start vectors must be flat and of one size; got shapes {[tuple(s.shape) for s in starts]}.")
+        raise ValueError(f"start vectors must be flat and of one size; got shapes {[tuple(s.shape) for s in starts]}. "
+                         "Flatten them (traincraft.metrics.hessian.flatten) to the operator's size.")
     device = starts[0].device
     steps = min(iterations, size)
     if also is not None and (steps < 2 or also.shape != starts[0].shape):
         raise ValueError(f"also needs iterations >= 2, a dimension >= 2 and the start's shape; got {iterations} "
-                         f"iterations, dimension {size}, shape {tuple(also.shape)}.")
+                         f"iterations, dimension {size}, shape {tuple(also.shape)}. Raise iterations, pass a flat "
+                         "vector of the start's size, or compute the quotient with directional_curvature.")
     basis = torch.zeros(steps, size, device=device)
     projected = torch.zeros(steps, steps, device=device, dtype=torch.float64)
     filled = 0
@@ -340,7 +342,7 @@ def extreme_eigenpairs(matrix: Tensor, squarings: int = 60) -> tuple[Tensor, Ten
         [-3.0, 2.0]
     """
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ValueError(f"expected a square matrix; got shape {tuple(matrix.shape)}.")
+        raise ValueError(f"expected a square symmetric matrix; got shape {tuple(matrix.shape)}. Pass the (k, k) matrix.")
     radius = matrix.abs().sum(dim=1).max()
     eye = torch.eye(matrix.shape[0], dtype=matrix.dtype, device=matrix.device)
     top = _dominant_vector(matrix + radius * eye, squarings)
@@ -369,7 +371,7 @@ def hutchinson_trace(operator: Operator, size: int, samples: int, generator: Opt
         tensor(6.)
     """
     if samples < 1:
-        raise ValueError(f"samples must be >= 1; got {samples}.")
+        raise ValueError(f"samples must be an integer >= 1; got {samples!r}. Pass e.g. 10 (more: a smaller variance).")
     total = torch.zeros((), device=device)
     for _ in range(samples):
         z = torch.randint(0, 2, (size,), generator=generator, device=device).float() * 2 - 1
