@@ -3,6 +3,7 @@
 from traincraft.data._sampler import EpochShuffleSampler
 from traincraft.data._tensor_dataset import TensorImageDataset, collate_batched
 from traincraft.data.cifar import CIFARDataModule, read_cifar_binary
+from traincraft.data.class_interleaved_sampler import ClassInterleavedSampler
 from traincraft.data.digits import DigitsDataModule
 from traincraft.data.download import download, file_digest
 from traincraft.data.hard_example_sampler import HardExampleSampler
@@ -14,6 +15,7 @@ from traincraft.data.streaming import StreamingImageDataModule, optimize_image_f
 
 __all__ = [
     "CIFARDataModule",
+    "ClassInterleavedSampler",
     "DigitsDataModule",
     "EpochShuffleSampler",
     "HardExampleSampler",

@@ -30,7 +30,8 @@ class DigitsDataModule(ImageDataModule):
             ``split_seed``; validation and test are unchanged): the small-data regime where augmentation and
             regularization matter, and the points of a learning curve.
         batch_size, eval_batch_size, num_workers, pin_memory, augment, normalize, seed, drop_last, whitening,
-            whitening_scope, whitening_epsilon, statistics_cache: as in :class:`ImageDataModule`.
+            whitening_scope, whitening_epsilon, statistics_cache, sampler, interleave_spacing: as in
+            :class:`ImageDataModule`.
 
     Example:
         >>> dm = DigitsDataModule(image_size=16, batch_size=32)
@@ -59,6 +60,8 @@ class DigitsDataModule(ImageDataModule):
         whitening_scope: Literal["channel", "image"] = "image",
         whitening_epsilon: float = 1e-2,
         statistics_cache: Optional[str] = None,
+        sampler: Literal["shuffle", "class_interleaved"] = "shuffle",
+        interleave_spacing: Literal["stratified", "random"] = "stratified",
     ) -> None:
         super().__init__(
             batch_size=batch_size,
@@ -73,6 +76,8 @@ class DigitsDataModule(ImageDataModule):
             whitening_scope=whitening_scope,
             whitening_epsilon=whitening_epsilon,
             statistics_cache=statistics_cache,
+            sampler=sampler,
+            interleave_spacing=interleave_spacing,
         )
         if not isinstance(image_size, int) or image_size <= 0:
             raise ValueError(f"image_size must be a positive integer; got {image_size!r}.")

@@ -104,6 +104,9 @@ class HardExampleSampler(DistributedSampler):
         self._version = 0  # bumped whenever the probabilities change; part of the draw cache key
         self._draw: Optional[tuple[tuple[int, int], torch.Tensor]] = None
         self._accumulator: Optional[torch.Tensor] = None  # (N, 3): loss sum, finite count, non-finite count
+        # Optional reordering of this rank's share of a draw, (indices, epoch, rank) -> the same indices in another
+        # order: ImageDataModule(sampler="class_interleaved") sets one that interleaves the classes.
+        self.reorder: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None
 
     # ----------------------------------------------------------------- drawing
     @property
@@ -132,6 +135,8 @@ class HardExampleSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         self.indices = self.epoch_draw()[self.rank : self.total_size : self.num_replicas]
+        if self.reorder is not None:
+            self.indices = self.reorder(self.indices, self.epoch, self.rank)
         self.iteration += 1
         return iter(self.indices.tolist())
 

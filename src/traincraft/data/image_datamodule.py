@@ -14,14 +14,17 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, Subset
 
 from traincraft.augment import PRESETS
 from traincraft.augment.crop import RandomCrop
 from traincraft.augment.fancy_pca import FancyPCALighting
 from traincraft.augment.scale_jitter import ScaleJitterCrop
+from traincraft.data._interleave import SPACINGS, interleave_order, seeded_generator
 from traincraft.data._sampler import EpochShuffleSampler
 from traincraft.data._tensor_dataset import TensorImageDataset, collate_batched
+from traincraft.data.class_interleaved_sampler import ClassInterleavedSampler, dataset_labels
+from traincraft.data.hard_example_sampler import HardExampleSampler
 from traincraft.data.statistics import moment_sums, statistics_from_sums
 
 _STAT_KEYS = ("count", "whitening_mean", "whitening_matrix", "pixel_eigenvalues", "pixel_eigenvectors")
@@ -86,6 +89,15 @@ class ImageDataModule(pl.LightningDataModule):
             ``"none"`` keeps the whole image (for test-time averaging, which crops itself), or a size.
         seed: base seed of shuffling and augmentation; default: the seed given to ``seed_everything`` (or 0).
         drop_last: drop the last incomplete training batch (keeps batch statistics well defined).
+        sampler: order of the training examples: ``"shuffle"`` (a uniform shuffle per epoch) or
+            ``"class_interleaved"`` (:class:`~traincraft.data.ClassInterleavedSampler`: successive examples of
+            different classes, sharded by class under DDP, resumable mid-epoch). With
+            :class:`~traincraft.callbacks.HardExampleMining` the hard-example draw decides which examples an
+            epoch visits and this option their order: ``"class_interleaved"`` orders each rank's draw by the same
+            rule (the bound then holds for the drawn examples' class counts, repeats included).
+        interleave_spacing: with ``sampler="class_interleaved"``: ``"stratified"`` (every class spread evenly
+            over the epoch, so batches hold the classes in proportion) or ``"random"`` (a uniform shuffle, changed
+            only where a neighbour would repeat a class).
     """
 
     def __init__(
@@ -103,8 +115,14 @@ class ImageDataModule(pl.LightningDataModule):
         whitening_epsilon: float = 1e-2,
         statistics_cache: Optional[str] = None,
         eval_crop: Union[int, Literal["auto", "none"]] = "auto",
+        sampler: Literal["shuffle", "class_interleaved"] = "shuffle",
+        interleave_spacing: Literal["stratified", "random"] = "stratified",
     ) -> None:
         super().__init__()
+        if sampler not in ("shuffle", "class_interleaved"):
+            raise ValueError(f"sampler must be 'shuffle' or 'class_interleaved'; got {sampler!r}.")
+        if interleave_spacing not in SPACINGS:
+            raise ValueError(f"interleave_spacing must be one of {SPACINGS}; got {interleave_spacing!r}.")
         if eval_crop not in ("auto", "none") and (not isinstance(eval_crop, int) or eval_crop <= 0):
             raise ValueError(f"eval_crop must be 'auto', 'none' or a positive size; got {eval_crop!r}.")
         if whitening not in (None, "pca", "zca"):
@@ -138,6 +156,9 @@ class ImageDataModule(pl.LightningDataModule):
         self.whitening, self.whitening_scope, self.whitening_epsilon = whitening, whitening_scope, whitening_epsilon
         self.statistics_cache = statistics_cache
         self.eval_crop = eval_crop
+        self.sampler, self.interleave_spacing = sampler, interleave_spacing
+        self._interleaved: Optional[ClassInterleavedSampler] = None  # the training loader's, while it has one
+        self._sampler_resume: Optional[dict[str, int]] = None  # a checkpoint's position, for the next loader
         self._eval_size: Optional[int] = None
         self.datasets: dict[str, Dataset] = {}
         self.mean: Optional[torch.Tensor] = None
@@ -200,6 +221,13 @@ class ImageDataModule(pl.LightningDataModule):
             self.datasets = dict(self.build_datasets())
             if "train" not in self.datasets:
                 raise ValueError(f"{type(self).__name__}.build_datasets must return a 'train' split; got {sorted(self.datasets)}.")
+            if self.sampler == "class_interleaved":
+                if isinstance(self.datasets["train"], IterableDataset):
+                    raise ValueError(
+                        f"sampler='class_interleaved' orders a map-style training set, but {type(self).__name__} "
+                        "streams an iterable one (its order comes from the stream); use sampler='shuffle'."
+                    )
+                dataset_labels(self.datasets["train"])  # refuse a training set without labels now, not at fit
         if self._augment_module is None:
             self._augment_module = self._resolve_augment()
         if (self.normalize or self._lighting_modules()) and self.mean is None:
@@ -320,8 +348,28 @@ class ImageDataModule(pl.LightningDataModule):
 
     def set_train_sampler(self, sampler: Optional[Sampler]) -> None:
         """Draw training batches with ``sampler`` instead of the default :class:`EpochShuffleSampler`; ``None``
-        restores the default. :class:`~traincraft.callbacks.HardExampleMining` sets its sampler here."""
+        restores the default. :class:`~traincraft.callbacks.HardExampleMining` sets its sampler here; with
+        ``sampler="class_interleaved"`` a :class:`HardExampleSampler`'s draws are ordered by class."""
+        if isinstance(sampler, HardExampleSampler):
+            sampler.reorder = _ClassOrder(dataset_labels(self.datasets["train"]), self.seed, self.interleave_spacing) \
+                if self.sampler == "class_interleaved" else None
         self._train_sampler = sampler
+
+    def _default_train_sampler(self, dataset: Dataset) -> Sampler:
+        if self.sampler == "shuffle":
+            return EpochShuffleSampler(dataset, seed=self.seed)
+        trainer = self.trainer
+        # Lightning's placement of this process (the data dimension only under column parallelism)
+        placement = (trainer.distributed_sampler_kwargs if trainer is not None else None) or {}
+        sampler = ClassInterleavedSampler(
+            dataset_labels(dataset), num_replicas=placement.get("num_replicas", 1), rank=placement.get("rank", 0),
+            seed=self.seed, spacing=self.interleave_spacing,
+        )
+        if self._sampler_resume is not None:
+            sampler.load_state_dict(self._sampler_resume)
+            self._sampler_resume = None
+        self._interleaved = sampler
+        return sampler
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, split: Split, train: bool = False) -> DataLoader:
@@ -330,7 +378,7 @@ class ImageDataModule(pl.LightningDataModule):
         dataset = self.datasets[split]
         sampler = None
         if train:
-            sampler = self._train_sampler if self._train_sampler is not None else EpochShuffleSampler(dataset, seed=self.seed)
+            sampler = self._train_sampler if self._train_sampler is not None else self._default_train_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -443,12 +491,21 @@ class ImageDataModule(pl.LightningDataModule):
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        if self.mean is None:
-            return {}
-        return {"mean": self.mean.tolist(), "std": self.std.tolist(), **self.statistics}
+        state: dict[str, Any] = {}
+        if self.mean is not None:
+            state = {"mean": self.mean.tolist(), "std": self.std.tolist(), **self.statistics}
+        trainer = self.trainer
+        if self._interleaved is not None and trainer is not None and trainer.state.fn == "fit":
+            # Lightning's count of this epoch's processed batches, not the sampler's: the loader prefetches
+            batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["class_interleaved"] = self._interleaved.state_dict(position=batches * self.batch_size)
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if not state_dict:
+        if "class_interleaved" in state_dict:
+            state_dict = dict(state_dict)
+            self._sampler_resume = state_dict.pop("class_interleaved")
+        if "mean" not in state_dict:
             return
         mean, std = torch.tensor(state_dict["mean"]), torch.tensor(state_dict["std"])
         if self.mean is not None and mean.shape != self.mean.shape:
@@ -464,3 +521,13 @@ class ImageDataModule(pl.LightningDataModule):
         self._set_statistics({"mean": mean, "std": std, **{k: state_dict[k] for k in _STAT_KEYS if k in state_dict}})
         if self._augment_module is not None and self.statistics.get("pixel_eigenvalues") is not None:
             self._fit_lighting(force=True)
+
+
+class _ClassOrder:
+    """Orders one rank's hard-example draw by class (:func:`interleave_order`), reproducibly per (epoch, rank)."""
+
+    def __init__(self, labels: torch.Tensor, seed: int, spacing: str) -> None:
+        self.labels, self.seed, self.spacing = labels, seed, spacing
+
+    def __call__(self, indices: torch.Tensor, epoch: int, rank: int) -> torch.Tensor:
+        return indices[interleave_order(self.labels[indices], self.spacing, seeded_generator(self.seed, epoch, rank, 7))]
