@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import nn
@@ -16,6 +16,32 @@ SATURATING_TYPES = {nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 ACTIVATION_MODULE = nn.modules.activation.__name__
 PERCENTILES = (15.0, 50.0, 85.0)
+#: Modules that make a model a sequence model, whose 3-D activations are ``(N, T, features)``, not ``(N, C, L)``.
+SEQUENCE_TYPES = (nn.Embedding, nn.MultiheadAttention, nn.RNNBase, nn.TransformerEncoderLayer,
+                  nn.TransformerDecoderLayer)
+FeatureAxis = Literal["auto", "channels", "last"]
+
+
+def is_sequence_model(root: nn.Module) -> bool:
+    """True when ``root`` holds embeddings, attention or recurrent layers: its 3-D activations are sequences."""
+    return any(isinstance(m, SEQUENCE_TYPES) for m in root.modules())
+
+
+def feature_dim(module: nn.Module, ndim: int, axis: FeatureAxis, sequence: bool) -> int:
+    """The dimension of a layer input that holds its features (channels); every other one is reduced.
+
+    ``auto``: LayerNorm normalizes the trailing dimension, so its features are the last one; BatchNorm, InstanceNorm
+    and GroupNorm normalize per channel, dimension 1. Activations follow the layout: ``(N, C)`` and
+    ``(N, C, *spatial)`` with 2 or more spatial dimensions use dimension 1; a 3-D input is ``(N, T, features)``
+    (last) in a sequence model (see :func:`is_sequence_model`) and ``(N, C, L)`` (dimension 1) otherwise.
+    """
+    if axis == "channels" or ndim == 2:
+        return 1
+    if axis == "last" or isinstance(module, nn.LayerNorm):
+        return ndim - 1
+    if isinstance(module, NORM_TYPES):
+        return 1
+    return ndim - 1 if ndim == 3 and sequence else 1
 
 
 def is_default_layer(module: nn.Module) -> bool:
@@ -56,8 +82,10 @@ def select_layers(root: nn.Module, patterns: Optional[Sequence[str]]) -> list[tu
 class LayerProbe:
     """Statistics of one layer's input, accumulated over the batches seen while the probe is attached."""
 
-    def __init__(self, name: str, module: nn.Module, max_rows: int, percentile_samples: int) -> None:
+    def __init__(self, name: str, module: nn.Module, max_rows: int, percentile_samples: int,
+                 axis: FeatureAxis = "auto", sequence: bool = False) -> None:
         self.name, self.module = name, module
+        self.axis, self.sequence = axis, sequence
         self.max_rows, self.percentile_samples = max_rows, percentile_samples
         self.saturating = next((kind for cls, kind in SATURATING_TYPES.items() if isinstance(module, cls)), None)
         self.relu = isinstance(module, RELU_TYPES)
@@ -87,7 +115,9 @@ class LayerProbe:
             return
         full = args[0].detach()
         x = full[: self.max_rows]
-        v = M.channels_first(x)  # the one layout copy; every statistic below reads it
+        dim = feature_dim(module, x.ndim, self.axis, self.sequence)
+        # the one layout copy, (features, values): every statistic below reads it
+        v = M.channels_first(x) if dim == 1 else x.reshape(-1, x.shape[-1]).t().contiguous()
         batch = M.moments_of_rows(v)
         self.moments.merge(batch)
         if self.relu:
@@ -102,7 +132,7 @@ class LayerProbe:
         self.samples.append(v[:, ::stride].float())
         if self.batchnorm and module.running_mean is not None:
             # BatchNorm normalizes with statistics of the whole batch, so compare those, not the subsample's.
-            count, mean, m2 = batch if x.shape[0] == full.shape[0] else M.channel_moments(full)
+            count, mean, m2 = batch if dim == 1 and x.shape[0] == full.shape[0] else M.channel_moments(full)
             gap, ratio = M.batchnorm_gap(mean, m2 / (count - 1).clamp_min(1), module.running_mean,
                                          module.running_var, module.eps)
             pair = torch.stack([gap, ratio])

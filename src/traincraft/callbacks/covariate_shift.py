@@ -11,9 +11,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from traincraft._steps import is_logging_step
+from traincraft._steps import completed_step_is_logging, is_logging_step
 from traincraft.callbacks._shift_image import HistogramHistory
-from traincraft.callbacks._shift_probe import LayerProbe, select_layers
+from traincraft.callbacks._shift_probe import FeatureAxis, LayerProbe, is_sequence_model, select_layers
 from traincraft.loggers import log_histogram, log_image
 from traincraft.metrics.moments import gaussian_w2
 
@@ -26,15 +26,24 @@ class CovariateShiftMonitor(Callback):
     that saturate tanh/sigmoid units, a drift score between consecutive logs and, for BatchNorm layers, the gap
     between the batch statistics and the running estimates.
 
-    Hooks are attached only on logging steps (``Trainer(log_every_n_steps=...)``) and removed right after, so other
-    steps run the plain model. At most ``max_rows`` samples of the batch are read; everything is computed on the
+    Hooks are attached only on logging steps (``Trainer(log_every_n_steps=...)``, Lightning's rule: every N-th
+    batch that stepped, also for a two-optimizer GAN) and removed right after, so other steps run the plain model.
+    Under gradient accumulation the micro-batches of the logging window are pooled (the batch that steps). At most ``max_rows`` samples of the batch are read; everything is computed on the
     device and copied to the host once per log. During validation the first ``eval_batches`` batches are pooled and
     logged once at the end of the validation epoch (never during the sanity check). Scalars go to every logger;
     histograms and an image of histograms over time go to W&B and TensorBoard loggers (``log_histograms``). Under
     DDP each rank measures its own batch and rank 0 logs.
 
+    Which axes are reduced: statistics are per *feature* of a layer's input, over the batch and every other axis
+    (positions of an image, tokens of a sequence). The feature axis (``feature_axis="auto"``) is dimension 1 for
+    ``(N, C)``, for images ``(N, C, H, W)`` and for BatchNorm/GroupNorm/InstanceNorm; the last dimension for
+    LayerNorm and for 3-D activations ``(N, T, E)`` of sequence models (a model with embeddings, attention or
+    recurrent layers: transformers use ``batch_first`` layouts), so a transformer's statistics are per embedding
+    feature over batch and tokens; and dimension 1 for 3-D activations ``(N, C, L)`` of other models (Conv1d).
+    ``"channels"`` or ``"last"`` forces one of them for every layer. BatchNorm comparisons always use its channels.
+
     Logged keys (``stage`` is ``train`` or ``val``, ``layer`` a module name such as ``model.blocks.0.act``; every
-    value is averaged over the layer's channels, a channel being dimension 1 of the input):
+    value is averaged over the layer's features):
 
     ====================================== =============================================================
     key                                    meaning
@@ -64,6 +73,8 @@ class CovariateShiftMonitor(Callback):
         eval_batches: validation batches pooled per validation epoch; 0 monitors training only.
         log_histograms: send histograms and the histograms-over-time image to W&B/TensorBoard loggers.
         image_every_n_logs: how often (in logs) the histograms-over-time image is sent.
+        feature_axis: ``"auto"``, ``"channels"`` (dimension 1) or ``"last"``: which input dimension holds the
+            features (see above); the others are reduced.
 
     Example:
         >>> from traincraft.modules import ImageClassifier
@@ -87,6 +98,7 @@ class CovariateShiftMonitor(Callback):
         eval_batches: int = 4,
         log_histograms: bool = True,
         image_every_n_logs: int = 10,
+        feature_axis: FeatureAxis = "auto",
     ) -> None:
         super().__init__()
         if layers is not None and (
@@ -100,6 +112,12 @@ class CovariateShiftMonitor(Callback):
                                  ("eval_batches", eval_batches, 0), ("image_every_n_logs", image_every_n_logs, 1)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}; got {value!r}.")
+        if feature_axis not in ("auto", "channels", "last"):
+            raise ValueError(
+                f"feature_axis must be 'auto', 'channels' (dimension 1: images, BatchNorm) or 'last' (sequences "
+                f"(N, T, E), LayerNorm); got {feature_axis!r}. 'auto' decides per layer."
+            )
+        self.feature_axis = feature_axis
         self.layers = None if layers is None else list(layers)
         self.max_rows, self.percentile_samples = max_rows, percentile_samples
         self.eval_batches, self.log_histograms, self.image_every_n_logs = eval_batches, log_histograms, image_every_n_logs
@@ -117,7 +135,8 @@ class CovariateShiftMonitor(Callback):
     # ------------------------------------------------------------------------------- hooks on and off
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
-        self.probes = [LayerProbe(name, module, self.max_rows, self.percentile_samples)
+        sequence = is_sequence_model(pl_module)
+        self.probes = [LayerProbe(name, module, self.max_rows, self.percentile_samples, self.feature_axis, sequence)
                        for name, module in select_layers(pl_module, self.layers)]
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -136,12 +155,13 @@ class CovariateShiftMonitor(Callback):
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        if is_logging_step(trainer):
+        # Every micro-batch of a logging accumulation window is pooled: the statistics describe the batch that steps.
+        if is_logging_step(trainer) and self._attached_for != "train":
             self._attach("train")
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._attached_for == "train":
+        if self._attached_for == "train" and completed_step_is_logging(trainer):
             self._detach()
             self._publish(trainer, "train")
 

@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from traincraft._sharded import refuse_sharded
 from traincraft._steps import batches_stepped, completed_step_is_logging
 from traincraft.callbacks._lr_names import group_names
 from traincraft.callbacks._lr_updates import UpdateTracker
@@ -111,7 +112,11 @@ class LearningRateGovernor(Callback):
         return self._generate_state_key(down=self.down, up=self.up, min_factor=self.min_factor,
                                         max_factor=self.max_factor)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        refuse_sharded(pl_module, type(self).__name__, "the update cosines it decides from")
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        refuse_sharded(pl_module, type(self).__name__, "the update cosines it decides from")  # sharded after setup
         self._remove_hooks()
         self._trackers, self._names = {}, {}
         self._last_decision_step = -1

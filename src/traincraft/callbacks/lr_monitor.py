@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLearnin
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from traincraft._sharded import refuse_sharded
 from traincraft._steps import batches_stepped, completed_step_is_logging, is_logging_step
 from traincraft.callbacks._lr_names import group_names
 from traincraft.callbacks._lr_updates import UpdateTracker
@@ -61,6 +62,9 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
 
     Raises:
         MisconfigurationException: Lightning's, for a bad ``logging_interval`` or a trainer without a logger.
+        ValueError: at setup, when an extra (update ratio, oscillation, effective rate) is on and the module has
+            sharded (DTensor) parameters: a per-shard norm would be logged as if it were global. Lightning's
+            learning-rate keys alone work under any strategy.
 
     Example:
         >>> monitor = LearningRateMonitor(logging_interval="step", log_update_ratio=True, log_oscillation=True)
@@ -100,7 +104,20 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
     def _tracks_updates(self) -> bool:
         return self.log_update_ratio or self.log_oscillation
 
+    def _refuse_sharded(self, pl_module: pl.LightningModule) -> None:
+        if self._tracks_updates or self.log_effective_lr:
+            extras = [name for name, on in (("log_update_ratio", self.log_update_ratio),
+                                            ("log_oscillation", self.log_oscillation),
+                                            ("log_effective_lr", self.log_effective_lr)) if on]
+            refuse_sharded(pl_module, type(self).__name__, f"its extras ({', '.join(extras)}: norms and cosines of "
+                           "the weights, updates and Adam moments)")
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._refuse_sharded(pl_module)
+
     def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._refuse_sharded(trainer.lightning_module)  # strategies may shard after setup
         super().on_train_start(trainer, *args, **kwargs)
         self._remove_hooks()
         self._trainer = trainer
