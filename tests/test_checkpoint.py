@@ -273,6 +273,39 @@ def test_sigkill_during_saves_leaves_a_loadable_complete_checkpoint(tmp_path, la
         shutil.rmtree(tmpdir, ignore_errors=True)
 
 
+def test_control_the_same_kill_empties_lightnings_stock_checkpoint_across_filesystems(tmp_path):
+    """The harness sees the reported failure: stock TorchCheckpointIO, TMPDIR on tmpfs, killed during its copy."""
+    tmp_root = _other_filesystem_tmpdir(tmp_path)
+    if tmp_root is None:
+        pytest.skip("no tmpfs on another filesystem")
+    tmpdir = tempfile.mkdtemp(dir=tmp_root)
+    path = tmp_path / "run" / "last.ckpt"
+    stock = TorchCheckpointIO()
+    generations = [{"state_dict": {"w": torch.full((4_000_000,), float(g))}} for g in range(2)]
+    stock.save_checkpoint(generations[0], path)
+    full = path.stat().st_size
+    try:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                tempfile.tempdir = tmpdir  # where fsspec stages the bytes
+                for _ in range(200):
+                    stock.save_checkpoint(generations[1], path)
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 20
+        while path.stat().st_size == full and time.monotonic() < deadline:  # the copy onto last.ckpt began
+            pass
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        assert path.stat().st_size < full  # the previous good checkpoint is gone
+        with pytest.raises(CheckpointError, match="is empty|is truncated"):
+            verify_checkpoint(path)
+        assert os.listdir(tmpdir)  # and the staged copy stays behind in TMPDIR
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
 def test_remote_urls_round_trip_and_are_verified():
     plugin = SafeCheckpointIO()
     url = "memory://traincraft-test/ckpts/last.ckpt"

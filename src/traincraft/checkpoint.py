@@ -151,7 +151,7 @@ def _inspect(path: str) -> Optional[str]:
         raise CheckpointError("is a directory, not a checkpoint file (a sharded checkpoint needs its strategy)")
     size = fs.size(local)
     if size == 0:
-        raise CheckpointError("is empty (0 bytes): its save was interrupted before any byte was written")
+        raise CheckpointError("is empty (0 bytes): a save or copy of it was cut off before its bytes arrived")
     with fs.open(local, "rb") as f:
         recorded = _recorded_digest(f, size)
         if recorded is not None:

@@ -53,7 +53,7 @@ def _tensor_offset(data: bytes) -> int:
 
 SEALED = _sealed_bytes()
 FILES = {
-    "empty": (lambda: b"", r"is empty \(0 bytes\): its save was interrupted"),
+    "empty": (lambda: b"", r"is empty \(0 bytes\): a save or copy of it was cut off"),
     "one byte": (lambda: SEALED[:1], r"is truncated or damaged: a zip archive of 1 bytes"),
     "half": (lambda: SEALED[: len(SEALED) // 2], r"is truncated or damaged: a zip archive of \d+ bytes whose end"),
     "record cut off": (lambda: SEALED[:-40], r"is damaged: its integrity record \(the zip comment\) is cut"),
