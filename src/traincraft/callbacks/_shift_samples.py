@@ -1,4 +1,4 @@
-"""Sample collection for DataDriftMonitor: features from a forward hook, a fixed subset of the training data, and
+"""Sample collection for DataDriftMonitor: a buffer of feature rows, a fixed subset of the training data, and
 gathering across ranks in the order a single process would have seen."""
 
 from __future__ import annotations
@@ -7,20 +7,8 @@ from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
-from torch import nn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch.utils.data import DataLoader, Subset
-
-
-def as_features(output: Any) -> Optional[torch.Tensor]:
-    """A module output as ``(N, features)``: the first tensor of a tuple, spatial dimensions averaged away."""
-    if isinstance(output, (tuple, list)) and output:
-        output = output[0]
-    if not isinstance(output, torch.Tensor) or output.ndim == 0:
-        return None
-    x = output.detach()
-    if x.ndim == 1:
-        return x[:, None]
-    return x.flatten(2).mean(2) if x.ndim > 2 else x
 
 
 class FeatureBuffer:
@@ -31,7 +19,17 @@ class FeatureBuffer:
         self.parts: list[torch.Tensor] = []
         self.rows = 0
 
+    @property
+    def full(self) -> bool:
+        return self.rows >= self.capacity
+
     def add(self, features: torch.Tensor) -> None:
+        if self.parts and features.shape[1] != self.parts[0].shape[1]:
+            raise ValueError(
+                f"DataDriftMonitor: this batch gives {features.shape[1]} features per sample and earlier batches "
+                f"gave {self.parts[0].shape[1]}; every sample needs the same features. Sequences of different "
+                f"lengths with reduce='flatten'? Use reduce='mean' or 'last', or pad to one length."
+            )
         take = min(self.capacity - self.rows, features.shape[0])
         if take > 0:
             self.parts.append(features[:take].float().clone())
@@ -41,7 +39,9 @@ class FeatureBuffer:
         return torch.cat(self.parts) if self.parts else None
 
 
-def training_subset_loader(trainer: pl.Trainer, total: int, remembered: Optional[DataLoader] = None) -> Optional[DataLoader]:
+def training_subset_loader(
+    trainer: pl.Trainer, total: int, remembered: Optional[DataLoader] = None
+) -> Optional[DataLoader]:
     """A loader over ``total`` evenly spaced training samples, this rank's share (``rank::world_size``): no shuffling
     and no draw from any random stream, so the training order is left as it was. The training loader is the
     trainer's, else ``remembered`` (from an earlier fit), else the datamodule's."""
@@ -61,9 +61,17 @@ def training_subset_loader(trainer: pl.Trainer, total: int, remembered: Optional
                       collate_fn=loader.collate_fn, num_workers=0)
 
 
-def model_inputs(batch: Any) -> Any:
-    """The inputs of a batch: the first element of ``(inputs, targets, ...)``, else the batch itself."""
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
+def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:
+    """A loader's batch as a step sees it: precision input conversion, ``on_before_batch_transfer`` (the module's if
+    it overrides it, else the datamodule's, as Lightning chooses), then the strategy's transfer (which runs
+    ``on_after_batch_transfer``: normalization, and augmentation only while ``trainer.training``)."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    module, datamodule = trainer.lightning_module, trainer.datamodule
+    if is_overridden("on_before_batch_transfer", module):
+        batch = module.on_before_batch_transfer(batch, 0)
+    elif datamodule is not None and is_overridden("on_before_batch_transfer", datamodule):
+        batch = datamodule.on_before_batch_transfer(batch, 0)
+    return trainer.strategy.batch_to_device(batch, module.device)
 
 
 def gather_in_order(module: pl.LightningModule, local: torch.Tensor, capacity: int) -> torch.Tensor:
@@ -78,16 +86,3 @@ def gather_in_order(module: pl.LightningModule, local: torch.Tensor, capacity: i
     counts = module.all_gather(torch.tensor(local.shape[0], device=local.device))  # (world,)
     valid = torch.arange(capacity, device=local.device)[:, None] < counts[None, :]  # (capacity, world)
     return rows.transpose(0, 1)[valid]
-
-
-def resolve_layer(root: nn.Module, layer: Optional[str]) -> nn.Module:
-    if layer is None:
-        return root
-    try:
-        return root.get_submodule(layer)
-    except AttributeError:
-        names = [name for name, _ in root.named_modules() if name]
-        raise ValueError(
-            f"layer={layer!r} is not a module of {type(root).__name__}; use None (the model's output) or one of "
-            f"{names[:12]}{' ...' if len(names) > 12 else ''}."
-        ) from None

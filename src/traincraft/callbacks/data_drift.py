@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from collections.abc import Callable
+from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -10,12 +11,12 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
+from traincraft._steps import batches_stepped
+from traincraft.callbacks._drift_features import FeatureExtractor
 from traincraft.callbacks._shift_samples import (
     FeatureBuffer,
-    as_features,
     gather_in_order,
-    model_inputs,
-    resolve_layer,
+    prepare_batch,
     training_subset_loader,
 )
 from traincraft.metrics.drift import ks_test, mmd_test
@@ -27,16 +28,43 @@ class DataDriftMonitor(Callback):
 
     First per-feature Kolmogorov–Smirnov tests with a Bonferroni correction (cheap); then, when KS fires (or
     always, or never: ``mmd``), a kernel MMD² test with a Gaussian kernel (median-heuristic bandwidth) and a
-    permutation p-value. Features are the model's output (``layer=None``) or the output of one named module;
-    spatial dimensions are averaged away (one feature per channel).
+    permutation p-value.
 
-    The reference is recomputed at each validation from ``max_samples`` evenly spaced training samples, in
-    evaluation mode and without augmentation, so it differs from the current sample only through the data (not
-    through dropout, BatchNorm's batch statistics or augmentation). Choosing them draws nothing from any random
-    stream, so training is unchanged. :meth:`set_reference` fixes a reference of your own instead. The current
-    sample is the first ``max_samples`` validation samples. Under DDP each rank computes its share and the samples
-    are gathered across ranks in the order a single process sees them, so every rank runs the same tests on the
-    same data and reaches the same decision. The sanity check is skipped.
+    **Features** (one row per sample), chosen by the user:
+
+    * the model's output (default): ``model(batch[input_key])``, with ``input_key`` element 0 of a tuple/list batch
+      or a key of a dict batch; ``forward="unpack"`` calls ``model(*batch)`` / ``model(**batch)`` instead, for a
+      ``forward(inputs, target)``;
+    * ``layer="name"``: the output of that module while the model runs as above (its first call per forward: an
+      embedding applied to the inputs and then to the targets gives the inputs');
+    * ``features=fn``: ``fn(batch) -> Tensor`` on the whole batch, without the model; a dotted path
+      ``"package.module.fn"`` for YAML.
+
+    Outputs become ``(samples, features)`` float32: ``(B, T, D)`` is read as a batch-first sequence and reduced over
+    time (``reduce="mean"`` by default, ``"last"``, or ``"flatten"`` for ``T·D`` features); ``(B, C, H, W)`` maps
+    average their spatial dimensions (one feature per channel). Token ids are labels, not measurements: integer
+    features are refused (test an embedding or a later layer). An output whose rows are not the batch's samples
+    (a language model's ``(B·T, vocab)`` log-probabilities) is refused with the list of modules to pick from.
+
+    Both samples are computed the same way: by the monitor itself, in evaluation mode, without gradients, in the
+    trainer's precision context (under ``bf16-mixed`` both are bf16 outputs cast to float32, so rounding never
+    looks like drift), with every random stream left as it was. Before the first epoch is spent the
+    configuration is checked twice: at ``setup`` (the layer exists; ``forward``'s signature takes one argument
+    when ``forward="input"``) and on the first training batch, whose features are computed once (evaluation mode,
+    no gradient, the training mode restored after). A model call that fails, a missing dict key, a layer that does
+    not run, non-floating features or rows that are not samples raise there, saying what to set.
+
+    The reference is recomputed at each validation from ``max_samples`` evenly spaced training samples, without
+    augmentation, so it differs from the current sample only through the data (not through dropout, BatchNorm's
+    batch statistics or augmentation). Choosing them draws nothing from any random stream, so training is
+    unchanged. :meth:`set_reference` fixes a reference of your own instead. The current sample is the first
+    ``max_samples`` samples of the first validation loader (the extra forward pass costs at most ``max_samples``
+    samples per validation). Under DDP each rank computes its share and the samples are gathered across ranks in
+    the order a single process sees them, so every rank runs the same tests on the same data and reaches the same
+    decision. The sanity check is skipped. The training step is never touched after the first batch's check
+    (no host-device synchronization there), whatever the optimization: several optimizers, manual optimization
+    and gradient accumulation change nothing. Values are logged at the end of each validation, at Lightning's
+    step for validation metrics (batches that stepped, not ``global_step``).
 
     Logged keys (with ``pl_module.log``, so they also reach ``trainer.callback_metrics``):
 
@@ -60,6 +88,13 @@ class DataDriftMonitor(Callback):
 
     Args:
         layer: module name whose output is tested (e.g. ``"model.fc"``); ``None`` tests the model's output.
+        features: ``features(batch) -> Tensor`` (or its dotted import path) computing the features from the whole
+            batch instead of the model; excludes ``layer``, ``input_key`` and ``forward``.
+        input_key: the model's input in a tuple/list batch (an index; ``None``: 0) or a dict batch (a key).
+        forward: ``"input"`` calls ``model(batch[input_key])``; ``"unpack"`` calls ``model(*batch)`` or
+            ``model(**batch)``.
+        reduce: how ``(batch, time, features)`` outputs become per-sample features: ``"mean"`` over time,
+            ``"last"`` time step, or ``"flatten"``.
         max_samples: samples of each side (over all ranks).
         alpha: significance level of both tests.
         mmd: ``"on_ks"`` runs MMD only when KS fires, ``"always"`` every time, ``"never"`` not at all.
@@ -80,11 +115,18 @@ class DataDriftMonitor(Callback):
         (torch.Size([100, 10]), torch.Size([64, 10]))
         >>> sorted(monitor.last)
         ['detected', 'ks', 'mmd', 'n_current', 'n_reference']
+
+        A language model with ``forward(inputs, target)`` on ``(inputs, target)`` token batches: the encoder's
+        output averaged over time, ``DataDriftMonitor(layer="model.transformer.encoder", forward="unpack")``.
     """
 
     def __init__(
         self,
         layer: Optional[str] = None,
+        features: Union[str, Callable[[Any], torch.Tensor], None] = None,
+        input_key: Union[int, str, None] = None,
+        forward: Literal["input", "unpack"] = "input",
+        reduce: Literal["mean", "last", "flatten"] = "mean",
         max_samples: int = 500,
         alpha: float = 0.05,
         mmd: Literal["on_ks", "always", "never"] = "on_ks",
@@ -106,19 +148,24 @@ class DataDriftMonitor(Callback):
                 f"num_permutations must be an integer >= 19 (a p-value below 0.05 needs at least 19); "
                 f"got {num_permutations!r}."
             )
-        self.layer, self.max_samples, self.alpha, self.mmd = layer, max_samples, alpha, mmd
+        _check_choices(layer, features, input_key, forward, reduce)
+        self._extract = FeatureExtractor(layer, features, input_key, forward, reduce)
+        self.layer, self.features, self.input_key, self.forward, self.reduce = layer, features, input_key, forward, reduce
+        self.max_samples, self.alpha, self.mmd = max_samples, alpha, mmd
         self.num_permutations, self.ks_method, self.seed = num_permutations, ks_method, seed
         self.last: dict[str, Any] = {}
         self.reference_sample: Optional[torch.Tensor] = None
         self.current_sample: Optional[torch.Tensor] = None
         self._fixed_reference: Optional[torch.Tensor] = None
         self._buffer: Optional[FeatureBuffer] = None
-        self._handle: Optional[Any] = None
         self._train_loader: Optional[DataLoader] = None
+        self._checked = False
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(layer=self.layer)
+        if self.features is None:  # the key of checkpoints written before features= existed
+            return self._generate_state_key(layer=self.layer)
+        return self._generate_state_key(layer=self.layer, features=self._extract.name)
 
     def set_reference(self, features: torch.Tensor) -> None:
         """Test every validation against these ``(n, d)`` features instead of training samples (kept in
@@ -128,28 +175,43 @@ class DataDriftMonitor(Callback):
             raise ValueError(f"the reference must be a (samples >= 2, features) tensor; got {got}.")
         self._fixed_reference = features.detach().float().cpu()
 
-    # ------------------------------------------------------------------------------- capture
+    # ------------------------------------------------------------------------------- features
+    def features_of(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+        """The ``(samples, features)`` float32 features of one batch (already on the device) as the monitor
+        computes them: without gradients, in the trainer's precision context (the same for reference and current
+        samples), leaving every random stream as it was."""
+        device = pl_module.device
+        devices = [device] if device.type != "cpu" else []
+        with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"), \
+                torch.no_grad(), trainer.precision_plugin.forward_context():
+            return self._extract(pl_module, batch)
+
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        resolve_layer(pl_module, self.layer)  # fail before training on a misspelt layer
+        self._extract.check_module(pl_module)  # a misspelt layer or a forward(x, y) fails before training
+        self._checked = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self._checked:
+            return
+        # once per fit: compute the features of the first training batch (in evaluation mode, as at validation),
+        # so that a model, layer or batch they do not fit fails now rather than after the first epoch
+        modes = [(m, m.training) for m in pl_module.modules()]
+        pl_module.eval()
+        try:
+            self.features_of(trainer, pl_module, batch)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        self._checked = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unhook()
+        self._buffer = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # kept in memory (not in checkpoints) so that a later predict() can still draw its reference from it
         loader = trainer.train_dataloader
         self._train_loader = loader if isinstance(loader, DataLoader) else None
-
-    def _hook(self, module: Any, args: Any, output: Any) -> None:
-        features = as_features(output)
-        if self._buffer is not None and features is not None:
-            self._buffer.add(features)
-
-    def _unhook(self) -> None:
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
-        self._buffer = None
 
     def _per_rank(self, trainer: pl.Trainer) -> int:
         return -(-self.max_samples // trainer.world_size)
@@ -162,12 +224,23 @@ class DataDriftMonitor(Callback):
         self._begin(trainer, pl_module)
 
     def _begin(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._handle = resolve_layer(pl_module, self.layer).register_forward_hook(self._hook)
         if self._fixed_reference is not None:
             self.reference_sample = self._fixed_reference.to(pl_module.device)
         else:
             self.reference_sample = self._reference(trainer, pl_module)
         self._buffer = FeatureBuffer(self._per_rank(trainer))
+
+    def _collect(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, dataloader_idx: int) -> None:
+        if self._buffer is not None and not self._buffer.full and dataloader_idx == 0:
+            self._buffer.add(self.features_of(trainer, pl_module, batch))
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                                batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(trainer, pl_module, batch, dataloader_idx)
+
+    def on_predict_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._collect(trainer, pl_module, batch, dataloader_idx)
 
     def _reference(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Optional[torch.Tensor]:
         loader = training_subset_loader(trainer, self.max_samples, self._train_loader)
@@ -176,20 +249,14 @@ class DataDriftMonitor(Callback):
                            "predict() before any fit, without a datamodule?); call set_reference(features) first. "
                            "Skipping the drift test.")
             return None
-        self._buffer = FeatureBuffer(self._per_rank(trainer))
+        buffer = FeatureBuffer(self._per_rank(trainer))
         for batch in loader:
-            pl_module(model_inputs(trainer.strategy.batch_to_device(batch, pl_module.device)))
-        local = self._buffer.tensor()
-        self._buffer = None
+            buffer.add(self.features_of(trainer, pl_module, prepare_batch(trainer, batch)))
+        local = buffer.tensor()
         if local is None:
-            raise RuntimeError(self._no_features_message(pl_module))
+            raise RuntimeError("DataDriftMonitor: the training subset gave no samples to draw the reference from "
+                               "(an empty training set?); call set_reference(features) first.")
         return gather_in_order(pl_module, local, self._per_rank(trainer))
-
-    def _no_features_message(self, pl_module: pl.LightningModule) -> str:
-        where = "the model" if self.layer is None else f"module {self.layer!r}"
-        return (f"DataDriftMonitor: {where} produced no tensor output during validation. With layer=None the "
-                f"LightningModule must be called (self(x)) in validation_step; otherwise set layer= to a module "
-                f"that runs, e.g. one of {[n for n, _ in pl_module.named_modules() if n][:8]}.")
 
     # ------------------------------------------------------------------------------- test
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -203,15 +270,16 @@ class DataDriftMonitor(Callback):
         if metrics:  # LightningModule.log is not available while predicting: straight to the loggers
             renamed = {key.replace("drift/", "drift/predict/", 1): value for key, value in metrics.items()}
             for logger in trainer.loggers:
-                logger.log_metrics(renamed, step=trainer.global_step)
+                logger.log_metrics(renamed, step=batches_stepped(trainer))  # Lightning's step, as for validation
 
     def _finish(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, float]:
         if self._buffer is None:
             return {}
         local = self._buffer.tensor()
-        self._unhook()
+        self._buffer = None
         if local is None:
-            raise RuntimeError(self._no_features_message(pl_module))
+            raise RuntimeError("DataDriftMonitor: the validation (or prediction) loader gave no batches; there is "
+                               "no current sample to test. Check limit_val_batches and the loader's length.")
         if self.reference_sample is None:
             return {}
         current = gather_in_order(pl_module, local, self._per_rank(trainer))
@@ -247,3 +315,30 @@ class DataDriftMonitor(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("reference") is not None:
             self._fixed_reference = state_dict["reference"]
+
+
+def _check_choices(layer: Any, features: Any, input_key: Any, forward: Any, reduce: Any) -> None:
+    if layer is not None and not isinstance(layer, str):
+        raise TypeError(f"layer must be a module name (str) or None; got {type(layer).__name__} {layer!r}.")
+    if features is not None and not (isinstance(features, str) or callable(features)):
+        raise TypeError(f"features must be a callable features(batch) -> Tensor, a dotted import path "
+                        f"'package.module.function', or None; got {type(features).__name__} {features!r}.")
+    if features is not None and layer is not None:
+        raise ValueError(f"pass layer= or features=, not both (got layer={layer!r}, features={features!r}): layer "
+                         f"takes a module's output while the model runs, features computes them from the batch.")
+    if forward not in ("input", "unpack"):
+        raise ValueError(f"forward must be 'input' (call model(batch[input_key])) or 'unpack' (model(*batch) or "
+                         f"model(**batch)); got {forward!r}.")
+    if reduce not in ("mean", "last", "flatten"):
+        raise ValueError(f"reduce must be 'mean', 'last' or 'flatten' (how (batch, time, features) outputs become "
+                         f"per-sample features); got {reduce!r}.")
+    if input_key is not None and (isinstance(input_key, bool) or not isinstance(input_key, (int, str))):
+        raise TypeError(f"input_key must be an int (tuple/list batches), a str (dict batches) or None; got "
+                        f"{type(input_key).__name__} {input_key!r}.")
+    if features is not None and (input_key is not None or forward != "input"):
+        raise ValueError(f"features= receives the whole batch and does not call the model, so input_key and "
+                         f"forward do not apply (got input_key={input_key!r}, forward={forward!r}); drop them, or "
+                         f"drop features= to test the model's output.")
+    if forward == "unpack" and input_key is not None:
+        raise ValueError(f"forward='unpack' passes the whole batch to the model, so input_key={input_key!r} does not "
+                         f"apply; drop it, or use forward='input' to call model(batch[input_key]).")
