@@ -109,7 +109,8 @@ class ClassInterleavedSampler(DistributedSampler):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         epoch, position = int(state_dict["epoch"]), int(state_dict["position"])
         if epoch < 0 or position < 0:
-            raise ValueError(f"a ClassInterleavedSampler state has a non-negative epoch and position; got {state_dict}.")
+            raise ValueError(f"a ClassInterleavedSampler state has a non-negative epoch and position; got {state_dict}. "
+                             "Pass what state_dict() returned.")
         if position >= self.num_samples:  # the saved epoch was complete: the next one starts from its top
             epoch, position = epoch + 1, 0
         self.set_epoch(epoch)

@@ -83,7 +83,7 @@ def conjugate_gradient(operator: Operator, rhs: Tensor, max_iterations: Optional
         (True, True)
     """
     if rhs.ndim != 1:
-        raise ValueError(f"rhs must be a flat vector (n,); got shape {tuple(rhs.shape)}.")
+        raise ValueError(f"rhs must be a flat vector (n,); got shape {tuple(rhs.shape)}. Flatten it (and the operator's input).")
     if max_iterations is None:
         max_iterations = rhs.numel()
     if max_iterations < 1 or tolerance < 0:
@@ -117,5 +117,10 @@ def dense_hessian(operator: Operator, size: int, dtype: torch.dtype = torch.floa
     """The ``(size, size)`` Hessian built column by column from ``size`` products (a reference for small models)."""
     eye = torch.eye(size, device=device)
     columns = [operator(eye[i]).to(dtype) for i in range(size)]
+    if columns and columns[0].shape != (size,):
+        raise ValueError(
+            f"the operator returned shape {tuple(columns[0].shape)} for a vector of shape ({size},); it must map flat "
+            "vectors to flat vectors of the same size (size = the number of parameters it differentiates)."
+        )
     hessian = torch.stack(columns, dim=1)
     return (hessian + hessian.T) / 2  # products are exact up to rounding; symmetrize the rounding away
