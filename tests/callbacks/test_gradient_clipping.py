@@ -184,7 +184,7 @@ def test_a_non_finite_step_leaves_weights_and_optimizer_state_bit_identical(opti
     clip = GradientClipping(mode="norm", threshold=1.0, skip_method=method)
     trainer, _ = _fit([_poison({0, 3}), clip, snaps], model=_model(OPTIMIZERS[optimizer]), steps=6)
     if method == "auto":  # on the CPU, a non-fused optimizer reads the flag: a memory load, no device sync
-        assert clip._method == ("found_inf" if "fused" in optimizer else "sync")
+        assert clip._slots[0].method == ("found_inf" if "fused" in optimizer else "sync")
     for step in (0, 3):  # the first step (state not yet created) and a later one
         before, after = snaps.before[step], snaps.after[step]
         assert all(torch.equal(a, b) for a, b in zip(before[0], after[0], strict=True))
@@ -223,7 +223,7 @@ def test_no_host_sync_on_non_logging_steps(kwargs):
     # the skip method that auto picks for non-fused optimizers on GPUs (on the CPU it picks "sync")
     counts = _quiet_step_syncs(GradientClipping(skip_method="snapshot", **kwargs), _model(torch.optim.AdamW))
     # the snapshot skip method undoes the optimizer's state creation on the first step: one scalar read, documented
-    assert counts[1] == {"item": 1}
+    assert counts[1].get("item") == 1  # (ImageClassifier checks the labels of its first batch: __int__)
     quiet = {step: c for step, c in counts.items() if step % 4 != 0 and step != 1}
     assert quiet and all(not c for c in quiet.values()), quiet
     assert counts[4] and counts[8]  # the logging steps do copy (the counter works)
@@ -235,9 +235,9 @@ def test_host_syncs_of_the_other_skip_methods(method):
                                _model(functools.partial(torch.optim.AdamW, fused=True)))
     quiet = {step: c for step, c in counts.items() if step % 4 != 0}
     if method == "found_inf":  # the fused kernel skips on a device flag: only the state-creating first step reads
-        assert counts[1] == {"item": 1} and all(not c for s, c in quiet.items() if s != 1), quiet
+        assert counts[1].get("item") == 1 and all(not c for s, c in quiet.items() if s != 1), quiet
     else:  # one scalar per step, as documented
-        assert all(c == {"item": 1} for c in quiet.values()), quiet
+        assert counts[1].get("item") == 1 and all(c == {"item": 1} for s, c in quiet.items() if s != 1), quiet
 
 
 def _metrics(tmp_dir="."):

@@ -13,7 +13,8 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-from traincraft._steps import is_logging_step
+from traincraft._steps import batch_steps, is_logging_step
+from traincraft.callbacks._clip_guard import BufferGuard, Slot, global_tensor_norms, local, shard_groups
 from traincraft.metrics.grad_norms import (
     agc_coefficient,
     clip_coefficient,
@@ -34,9 +35,11 @@ class GradientClipping(Callback):
     """Clip gradients once per optimizer step, skip steps whose gradient is not finite, and log what happened.
 
     Runs in ``on_before_optimizer_step``: after gradient accumulation and after AMP unscaling, so it sees the
-    gradients the optimizer is about to apply. Under manual optimization, call ``opt = self.optimizers()`` and
-    ``self.manual_backward(loss)``, then ``opt.step()`` on that LightningOptimizer: Lightning calls the hook inside
-    it (never step the raw ``torch.optim`` optimizer, which bypasses the hook and AMP unscaling).
+    gradients the optimizer is about to apply. Each optimizer is clipped by the norm of its own parameters'
+    gradients and keeps its own thresholds, histories and skip counters. Under manual optimization, call
+    ``self.manual_backward(loss)`` and then ``opt.step()`` on the LightningOptimizer that ``self.optimizers()``
+    returns: Lightning calls the hook inside it (never step the raw ``torch.optim`` optimizer, which bypasses the
+    hook and AMP unscaling), and do not also call ``self.clip_gradients``, which would clip first.
 
     Modes (``threshold`` is the max norm for ``norm`` and the max absolute entry for ``value``):
 
@@ -54,10 +57,14 @@ class GradientClipping(Callback):
 
     Under model parallelism, the strategy's ``gradient_norm_group`` (a process group whose ranks hold different
     parameters, e.g. the columns of ``ColumnParallelStrategy``) all-reduces the p-th powers, so every rank clips
-    by the same global norm. Under data parallelism gradients are already averaged: nothing is reduced.
+    by the same global norm. Sharded parameters (DTensor, ``fully_shard``) add the powers of their shards over the
+    mesh: norms are those of whole parameters (``agc`` refuses them). Under data parallelism gradients are
+    already averaged: nothing is reduced.
 
     The guard ladder: a step whose gradient norm is not finite is always skipped: weights, momentum buffers, Adam
-    moments and step counts stay bit-identical. With ``skip_spikes``, a step whose norm is above the threshold is
+    moments and step counts stay bit-identical, and so do the module's persistent buffers that the forward pass
+    wrote (BatchNorm running statistics and ``num_batches_tracked``, as at the start of the accumulation window;
+    ``restore_buffers``). With ``skip_spikes``, a step whose norm is above the threshold is
     skipped instead of clipped. After ``max_consecutive_skips`` skipped steps in a row, ``on_consecutive_skips``
     raises an error or restores the last healthy in-memory snapshot (taken at logging steps). How a step is skipped
     (``skip_method``):
@@ -79,7 +86,9 @@ class GradientClipping(Callback):
     The count of consecutive skips is checked when the statistics reach the host: at logging steps, or every step
     with ``sync``.
 
-    Logged at the logging interval (one host copy per log):
+    Logged at the logging interval (one host copy per log and optimizer). With several optimizers every key but
+    the per-tensor norms ends in ``/opt<i>``, ``i`` the optimizer's index in ``trainer.optimizers`` (the order
+    ``configure_optimizers`` returns them); with one optimizer the keys are as below:
 
     ============================ ========================================================================
     key                          meaning
@@ -113,6 +122,8 @@ class GradientClipping(Callback):
         max_consecutive_skips: skipped steps in a row that trigger ``on_consecutive_skips``; ``None``: never.
         on_consecutive_skips: ``"raise"`` an error, or ``"restore"`` the last healthy snapshot (once per snapshot).
         skip_method: ``"auto"``, ``"found_inf"``, ``"snapshot"`` or ``"sync"`` (see above).
+        restore_buffers: also undo a skipped step's writes to persistent module buffers (a copy of the buffers
+            per accumulation window; ``False`` leaves BatchNorm statistics to the bad batch).
         log_layer_norms: also log each parameter tensor's gradient norm.
         log_depth_profile: also log the depth slope.
 
@@ -146,6 +157,7 @@ class GradientClipping(Callback):
         max_consecutive_skips: Optional[int] = 10,
         on_consecutive_skips: Literal["raise", "restore"] = "raise",
         skip_method: Literal["auto", "found_inf", "snapshot", "sync"] = "auto",
+        restore_buffers: bool = True,
         log_layer_norms: bool = False,
         log_depth_profile: bool = False,
     ) -> None:
@@ -183,18 +195,13 @@ class GradientClipping(Callback):
         self.z_threshold, self.ema_decay, self.warmup_steps = z_threshold, ema_decay, warmup_steps
         self.skip_spikes, self.max_consecutive_skips = skip_spikes, max_consecutive_skips
         self.on_consecutive_skips, self.skip_method = on_consecutive_skips, skip_method
+        self.restore_buffers = restore_buffers
         self.log_layer_norms, self.log_depth_profile = log_layer_norms, log_depth_profile
-        self.steps = 0  # optimizer steps seen: host-known, so step-count decisions need no sync
-        self._state: dict[str, Tensor] = {}  # device statistics (see _init_state)
-        self._loaded: Optional[dict[str, Any]] = None
-        self._since_log = 0
-        self._host_streak = 0
-        self._pending: Optional[dict[str, Any]] = None  # what the optimizer's post-step hook must undo
-        self._hook: Any = None
-        self._snapshot_key: tuple[int, ...] = ()
-        self._snapshot: list[Tensor] = []
-        self._healthy: Optional[tuple[dict, dict]] = None
-        self._restored_from_current = False
+        self._slots: list[Slot] = []  # one per optimizer, kept across fits (their statistics are training state)
+        self._by_optimizer: dict[int, Slot] = {}
+        self._loaded: Optional[list[dict[str, Any]]] = None
+        self._buffers: Optional[BufferGuard] = None
+        self._window_open = False  # an accumulation window's buffer snapshot is taken
 
     @property
     def state_key(self) -> str:
@@ -210,48 +217,67 @@ class GradientClipping(Callback):
             )
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if len(trainer.optimizers) != 1:
-            raise ValueError(f"GradientClipping supports one optimizer, the module configured "
-                             f"{len(trainer.optimizers)}; clip the others in your own optimizer_step.")
-        optimizer = trainer.optimizers[0]
+        optimizers = list(trainer.optimizers)
+        seen: dict[int, int] = {}
+        for i, optimizer in enumerate(optimizers):
+            for g in optimizer.param_groups:
+                for p in g["params"]:
+                    if seen.setdefault(id(p), i) != i:
+                        raise ValueError(f"a parameter is in optimizers {seen[id(p)]} and {i}: GradientClipping "
+                                         "clips each optimizer by the norm of its own parameters, so each must hold "
+                                         "different ones. Give every parameter to one optimizer only.")
+        all_params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+        groups = shard_groups(all_params, type(self).__name__)
+        if groups is not None and self.mode == "agc":
+            raise ValueError("GradientClipping(mode='agc') cannot run on sharded parameters (DTensor): the norm of a "
+                             "unit may be split over ranks. Use mode='norm', 'quantile' or 'zscore', which reduce "
+                             "the norms over the shards, or train with an unsharded strategy.")
+        if groups is not None and getattr(trainer.strategy, "gradient_norm_group", None) is not None:
+            raise ValueError(f"{type(trainer.strategy).__name__} names a gradient_norm_group and the parameters are "
+                             "sharded (DTensor): GradientClipping reduces norms over one of the two, not both. Use a "
+                             "strategy that does only one of them.")
+        if len(self._slots) != len(optimizers):
+            self._slots = [Slot(i) for i in range(len(optimizers))]
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        self._params = [p for g in optimizer.param_groups for p in g["params"]]
-        self._names = [names.get(id(p), f"param{i}") for i, p in enumerate(self._params)]
-        self._weights = [i for i, p in enumerate(self._params) if p.ndim >= 2][::-1]  # output to input
-        self._agc_skip = self._agc_excluded(list(names.values()))
-        fused = all(g.get("fused") for g in optimizer.param_groups)
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        method = self.skip_method
-        if method == "auto":
-            on_cpu = all(p.device.type == "cpu" for p in self._params)
-            # reading a CPU scalar is a memory load, not a device sync: cheaper than copying every parameter
-            method = "found_inf" if fused and scaler is None else ("sync" if on_cpu else "snapshot")
-        if method == "found_inf" and not fused:
-            raise ValueError(f"skip_method='found_inf' needs a fused optimizer ({type(optimizer).__name__}(..., "
-                             "fused=True)); use skip_method='auto', 'snapshot' or 'sync'.")
-        if method == "found_inf" and scaler is not None:
-            raise ValueError("skip_method='found_inf' cannot be used under fp16 AMP, whose GradScaler sets the "
-                             "optimizer's found_inf itself; use skip_method='snapshot' or 'sync'.")
-        self._method, self._scaler, self._fused = method, scaler, fused
-        self._hook = optimizer.register_step_post_hook(self._after_step)  # runs right after every step()
-        self._since_log = 0
-        self._index_cache: dict[tuple[int, ...], Tensor] = {}
+        for slot, optimizer in zip(self._slots, optimizers, strict=True):
+            fused = all(g.get("fused") for g in optimizer.param_groups)
+            method = self.skip_method
+            if method == "auto":
+                on_cpu = all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
+                # reading a CPU scalar is a memory load, not a device sync: cheaper than copying every parameter
+                method = "found_inf" if fused and scaler is None else ("sync" if on_cpu else "snapshot")
+            which = f"optimizer {slot.index} ({type(optimizer).__name__})"
+            if method == "found_inf" and not fused:
+                raise ValueError(f"skip_method='found_inf' needs a fused optimizer, and {which} is not "
+                                 f"({type(optimizer).__name__}(..., fused=True)); use skip_method='auto', "
+                                 "'snapshot' or 'sync'.")
+            if method == "found_inf" and scaler is not None:
+                raise ValueError("skip_method='found_inf' cannot be used under fp16 AMP, whose GradScaler sets the "
+                                 "optimizer's found_inf itself; use skip_method='snapshot' or 'sync'.")
+            suffix = "" if len(optimizers) == 1 else f"/opt{slot.index}"
+            slot.bind(optimizer, names, method, scaler, fused, suffix, groups)
+            slot.weights = [i for i, p in enumerate(slot.params) if p.ndim >= 2][::-1]  # output to input
+            slot.agc_skip = self._agc_excluded(slot, list(names.values()))
+            slot.since_log = 0
+        self._by_optimizer = {id(s.optimizer): s for s in self._slots}
+        self._apply_loaded()
+        self._buffers = BufferGuard(pl_module, self._slots) if self.restore_buffers else None
+        self._window_open = False
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
-        self._pending = None
+        for slot in self._slots:
+            slot.unbind()
 
-    def _agc_excluded(self, names: list[str]) -> set[int]:
-        if self.agc_exclude is None:
-            last = [n for n in self._names if n in names][-1:] or [""]
+    def _agc_excluded(self, slot: Slot, names: list[str]) -> set[int]:
+        if self.agc_exclude is None:  # the module's last layer, when this optimizer holds it
+            last = names[-1:] or [""]
             prefix = last[0].rsplit(".", 1)[0] + "."
-            return {i for i, n in enumerate(self._names) if n.startswith(prefix)}
-        return {i for i, n in enumerate(self._names) if any(fnmatch.fnmatchcase(n, pat) for pat in self.agc_exclude)}
+            return {i for i, n in enumerate(slot.names) if n.startswith(prefix)}
+        return {i for i, n in enumerate(slot.names) if any(fnmatch.fnmatchcase(n, pat) for pat in self.agc_exclude)}
 
-    def _init_state(self, device: torch.device) -> None:
-        groups = len(self._params) if self.per_layer else 1
+    def _init_state(self, slot: Slot, device: torch.device) -> None:
+        groups = len(slot.params) if self.per_layer else 1
         zeros = lambda: torch.zeros(groups, device=device)  # noqa: E731
         state = {
             "history": torch.full((self.history_size if self.mode == "quantile" else 0, groups), math.nan,
@@ -262,40 +288,65 @@ class GradientClipping(Callback):
             "max_streak": torch.zeros((), dtype=torch.int64, device=device),
             "clipped": torch.zeros((), dtype=torch.int64, device=device),
         }
-        if self._loaded is not None:
-            loaded = self._loaded["tensors"]
+        loaded = slot.loaded or (slot.state if slot.state else None)  # a checkpoint, or statistics on another device
+        if loaded is not None:
             if loaded["history"].shape != state["history"].shape:
-                raise ValueError(f"the checkpointed GradientClipping history has shape {tuple(loaded['history'].shape)}"
-                                 f" but this run needs {tuple(state['history'].shape)}: resume with the same "
-                                 "history_size and parameters, or start without the callback's state.")
+                raise ValueError(f"the checkpointed GradientClipping history of optimizer {slot.index} has shape "
+                                 f"{tuple(loaded['history'].shape)} but this run needs {tuple(state['history'].shape)}:"
+                                 " resume with the same history_size and parameters, or start without the "
+                                 "callback's state.")
             state.update({k: v.to(device) for k, v in loaded.items()})
-            self._loaded = None
-        self._state = state
+            slot.loaded = None
+        slot.state = state
+
+    # ---------------------------------------------------------------- per batch: the buffers' window
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        for slot in self._slots:
+            slot.batch_skip = None
+        if self._buffers and not self._window_open:  # the first micro-batch of an accumulation window
+            self._buffers.snapshot()
+            self._window_open = True
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not batch_steps(trainer):
+            return  # the window goes on: its forward passes are undone together if its step is skipped
+        self._window_open = False
+        if self._buffers:
+            self._buffers.restore({s.index: s.batch_skip for s in self._slots if s.batch_skip is not None})
+        for slot in self._slots:
+            slot.batch_skip = None
 
     # ---------------------------------------------------------------- per step
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        present = [i for i, p in enumerate(self._params) if p.grad is not None]
+        slot = self._by_optimizer.get(id(optimizer))
+        if slot is None:
+            raise RuntimeError(f"GradientClipping was handed a {type(optimizer).__name__} that is not one of the "
+                               f"{len(self._slots)} optimizers in trainer.optimizers: return every optimizer from "
+                               "configure_optimizers and step it through self.optimizers().")
+        present = [i for i, p in enumerate(slot.params) if p.grad is not None]
         if not present:
             return
-        grads = [self._params[i].grad for i in present]
+        grads = [local(slot.params[i].grad) for i in present]
         device = grads[0].device
-        if not self._state or self._state["skipped"].device != device:
-            self._init_state(device)
-        if self._scaler is not None and self._fused:
-            self._scaler.unscale_(optimizer)  # fused optimizers unscale inside step(): we must see true gradients
+        if not slot.state or slot.state["skipped"].device != device:
+            self._init_state(slot, device)
+        if slot.scaler is not None and slot.fused:
+            slot.scaler.unscale_(optimizer)  # fused optimizers unscale inside step(): we must see true gradients
         self._group = getattr(trainer.strategy, "gradient_norm_group", None)
-        s = self._state
-        norms = tensor_norms(grads, self.norm_type).to(device)
+        s = slot.state
+        norms = self._norms(slot, present, grads, self.norm_type)
         total = self._global_norm(norms)
         finite = torch.isfinite(total)
         if self.per_layer:
-            index = self._index(present, device)
-            group_norms = torch.zeros(len(self._params), device=device).index_put_((index,), norms)
+            index = slot.present_index(present, device)
+            group_norms = torch.zeros(len(slot.params), device=device).index_put_((index,), norms)
         else:
             group_norms = total.reshape(1)
-        threshold = self._threshold(group_norms)
-        clipped, post = self._clip(grads, present, norms, group_norms, threshold, total)
-        self._update_statistics(group_norms, threshold, finite)
+        threshold = self._threshold(slot, group_norms)
+        clipped, post = self._clip(slot, grads, present, norms, group_norms, threshold, total)
+        self._update_statistics(slot, group_norms, threshold, finite)
         skip = ~finite
         if self.skip_spikes:
             skip = skip | (group_norms > threshold).any()
@@ -303,22 +354,26 @@ class GradientClipping(Callback):
         s["streak"] = (s["streak"] + 1) * skip
         torch.maximum(s["max_streak"], s["streak"], out=s["max_streak"])
         s["clipped"] += clipped & ~skip
-        self.steps += 1
-        self._since_log += 1
+        slot.steps += 1
+        slot.since_log += 1
         logging = is_logging_step(trainer)
         if logging and post is None:
-            post = self._global_norm(tensor_norms(grads, self.norm_type).to(device))
-        self._skip(optimizer, present, skip)
+            post = self._global_norm(self._norms(slot, present, grads, self.norm_type))
+        slot.prepare_skip(present, skip)
         if logging:
-            self._report(trainer, pl_module, optimizer, present, total, post, threshold, norms)
-        elif self._method == "sync":
-            self._ladder(trainer, pl_module, optimizer, self._host_streak)  # the flag is on the host already
+            self._report(trainer, pl_module, slot, present, total, post, threshold, norms)
+        elif slot.method == "sync":
+            self._ladder(trainer, pl_module, slot, slot.host_streak)  # the flag is on the host already
 
-    def _index(self, present: list[int], device: torch.device) -> Tensor:
-        key = tuple(present)
-        if key not in self._index_cache:  # built once: a host list copied to the device every step would cost
-            self._index_cache[key] = torch.tensor(present, device=device)
-        return self._index_cache[key]
+    def _norms(self, slot: Slot, present: list[int], grads: list[Tensor], norm_type: float) -> Tensor:
+        """Per-tensor norms of whole gradients: local ones, or the shards' combined over the mesh."""
+        norms = tensor_norms(grads, norm_type).to(grads[0].device)
+        if slot.groups is None:
+            return norms
+        key = ("mask", *present)
+        if key not in slot.index_cache:  # built once per set of present gradients
+            slot.index_cache[key] = torch.tensor([slot.sharded[i] for i in present], device=norms.device)
+        return global_tensor_norms(norms, slot.index_cache[key], slot.groups, norm_type)
 
     def _global_norm(self, norms: Tensor) -> Tensor:
         power = norm_power(norms, self.norm_type)
@@ -327,26 +382,26 @@ class GradientClipping(Callback):
             dist.all_reduce(power, op=op, group=self._group)  # ranks hold different parameters: add their shares
         return norm_from_power(power, self.norm_type)
 
-    def _threshold(self, group_norms: Tensor) -> Tensor:
-        s = self._state
+    def _threshold(self, slot: Slot, group_norms: Tensor) -> Tensor:
+        s = slot.state
         if self.mode == "quantile":
             # non-finite norms enter as NaN, which the quantile ignores
-            s["history"][self.steps % self.history_size] = torch.where(
+            s["history"][slot.steps % self.history_size] = torch.where(
                 torch.isfinite(group_norms), group_norms, torch.full_like(group_norms, math.nan))
             return quantile_threshold(s["history"], self.quantile)
         if self.mode == "zscore":
-            if self.steps < self.warmup_steps:
+            if slot.steps < self.warmup_steps:
                 return torch.full_like(group_norms, math.inf)
             return zscore_threshold(s["mean"], s["var"], self.z_threshold)
         return torch.full_like(group_norms, self.threshold)
 
-    def _update_statistics(self, group_norms: Tensor, threshold: Tensor, finite: Tensor) -> None:
+    def _update_statistics(self, slot: Slot, group_norms: Tensor, threshold: Tensor, finite: Tensor) -> None:
         if self.mode != "zscore":
             return
-        s = self._state
+        s = slot.state
         ok = torch.isfinite(group_norms) & finite
         value = torch.where(ok, group_norms, torch.zeros_like(group_norms))
-        if self.steps < self.warmup_steps:
+        if slot.steps < self.warmup_steps:
             s["warm_sum"] += value
             s["warm_sq"] += value * value
             s["warm_n"] += ok
@@ -357,24 +412,24 @@ class GradientClipping(Callback):
             mean, var = ema_moments(s["mean"], s["var"], torch.minimum(value, threshold), self.ema_decay)
             s["mean"], s["var"] = torch.where(ok, mean, s["mean"]), torch.where(ok, var, s["var"])
 
-    def _clip(self, grads, present, norms, group_norms, threshold, total) -> tuple[Tensor, Optional[Tensor]]:
+    def _clip(self, slot, grads, present, norms, group_norms, threshold, total) -> tuple[Tensor, Optional[Tensor]]:
         """Clip in place; returns (whether anything was clipped, the post-clip global norm where it comes free)."""
         if self.mode == "value":
-            peak = norms if self.norm_type == math.inf else tensor_norms(grads, math.inf).to(total.device)
+            peak = norms if self.norm_type == math.inf else self._norms(slot, present, grads, math.inf)
             torch._foreach_clamp_min_(grads, -self.threshold)
             torch._foreach_clamp_max_(grads, self.threshold)
             return (peak > self.threshold).any(), None
         if self.mode == "agc":
             clipped = torch.zeros((), dtype=torch.bool, device=total.device)
             for i, g in zip(present, grads, strict=True):
-                if i not in self._agc_skip:
-                    coef = agc_coefficient(self._params[i], g, self.agc_clipping, self.agc_eps)
+                if i not in slot.agc_skip:
+                    coef = agc_coefficient(slot.params[i], g, self.agc_clipping, self.agc_eps)
                     clipped = clipped | (coef < 1).any()
                     g.mul_(coef)
             return clipped, None
         coef = clip_coefficient(group_norms, threshold)
         if self.per_layer:
-            per_tensor = coef[self._index(present, coef.device)]
+            per_tensor = coef[slot.present_index(present, coef.device)]
             torch._foreach_mul_(grads, list(per_tensor.unbind()))
             post = self._global_norm(norms * per_tensor)
         else:
@@ -382,124 +437,105 @@ class GradientClipping(Callback):
             post = total * coef[0]
         return (coef < 1).any(), post
 
-    # ---------------------------------------------------------------- skipping
-    def _skip(self, optimizer: Any, present: list[int], skip: Tensor) -> None:
-        if self._method == "sync":
-            skipped = bool(skip.item())  # sync point: every step, chosen by skip_method="sync"
-            self._host_streak = self._host_streak + 1 if skipped else 0
-            if skipped:
-                for i in present:
-                    self._params[i].grad = None  # torch optimizers leave gradient-less parameters untouched
-            return
-        params = [self._params[i] for i in present]
-        pending: dict[str, Any] = {"skip": skip, "params": params,
-                                   "had_state": [bool(optimizer.state.get(p)) for p in params]}
-        if self._method == "found_inf":
-            optimizer.found_inf = skip.float()  # fused kernels skip the whole update when this is nonzero
-        else:
-            live = [t.detach() for t in params] + [
-                t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
-            pending["live"], pending["saved"] = live, self._buffers(live)
-            torch._foreach_copy_(pending["saved"], live)
-        self._pending = pending
-
-    def _buffers(self, live: list[Tensor]) -> list[Tensor]:
-        """Snapshot buffers, allocated once per set of tensors (the optimizer creates its state once)."""
-        key = tuple(id(t) for t in live)
-        if self._snapshot_key != key:
-            self._snapshot_key, self._snapshot = key, [torch.empty_like(t) for t in live]
-        return self._snapshot
-
-    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        pending, self._pending = self._pending, None
-        if pending is None:
-            return
-        skip = pending["skip"]
-        if self._method == "found_inf":
-            del optimizer.found_inf
-        else:
-            flags = {skip.device: skip}
-            with torch.no_grad():
-                for t, saved in zip(pending["live"], pending["saved"], strict=True):
-                    if t.device not in flags:
-                        # sync point: host-side state (the step counts of non-fused, non-capturable Adam on a GPU)
-                        # can only be restored with the flag on the host; fused=True or capturable=True avoid it
-                        flags[t.device] = skip.to(t.device)
-                    torch.where(flags[t.device], saved, t, out=t)
-        # A skipped step must not leave state behind that it created: fused SGD even leaves an uninitialized
-        # momentum buffer (torch.empty_like) when found_inf is set on its first step.
-        created = [p for p, had in zip(pending["params"], pending["had_state"], strict=True)
-                   if not had and optimizer.state.get(p)]
-        if created and skip.item():  # sync point: only the step at which the optimizer creates its state
-            for p in created:
-                del optimizer.state[p]
-
     # ---------------------------------------------------------------- logging and the ladder
-    def _report(self, trainer, pl_module, optimizer, present, total, post, threshold, norms) -> None:
-        s = self._state
+    def _report(self, trainer, pl_module, slot, present, total, post, threshold, norms) -> None:
+        s = slot.state
         values = [total, post, s["skipped"], s["streak"], s["max_streak"], s["clipped"], threshold.max()]
         if self.log_depth_profile:
             pos = {i: k for k, i in enumerate(present)}
-            values.append(depth_slope(norms[[pos[i] for i in self._weights if i in pos]]))
+            values.append(depth_slope(norms[[pos[i] for i in slot.weights if i in pos]]))
         flat = torch.cat([torch.stack([v.float().reshape(()) for v in values]),
                           norms.float() if self.log_layer_norms else norms.new_zeros(0)])
         host = flat.tolist()  # sync point: logging step only
         pre, post_, skipped, streak, max_streak, clipped, thr = host[:7]
+        tail = slot.suffix
         metrics = {
-            "grad/norm_pre": pre,
-            "grad/norm_post": post_,
-            "grad/clip_coef": post_ / pre if pre > 0 else 1.0,
-            "grad/clipped_frac": clipped / max(self._since_log, 1),
-            "grad/skipped_steps": skipped,
+            f"grad/norm_pre{tail}": pre,
+            f"grad/norm_post{tail}": post_,
+            f"grad/clip_coef{tail}": post_ / pre if pre > 0 else 1.0,
+            f"grad/clipped_frac{tail}": clipped / max(slot.since_log, 1),
+            f"grad/skipped_steps{tail}": skipped,
         }
         if self.mode in ("norm", "value", "quantile", "zscore") and not self.per_layer:
-            metrics["grad/threshold"] = thr
+            metrics[f"grad/threshold{tail}"] = thr
         if self.log_depth_profile:
-            metrics["grad/depth_slope"] = host[7]
-        if self.log_layer_norms:
+            metrics[f"grad/depth_slope{tail}"] = host[7]
+        if self.log_layer_norms:  # parameter names are unique across optimizers: no suffix
             for i, value in zip(present, host[len(values):], strict=True):
-                metrics[f"grad/norm/{self._names[i]}"] = value
+                metrics[f"grad/norm/{slot.names[i]}"] = value
         s["clipped"].zero_()
         s["max_streak"].copy_(s["streak"])
-        self._since_log = 0
+        slot.since_log = 0
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self._ladder(trainer, pl_module, optimizer, int(max_streak), healthy=max_streak == 0 and streak == 0)
+        self._ladder(trainer, pl_module, slot, int(max_streak), healthy=max_streak == 0 and streak == 0)
 
-    def _ladder(self, trainer, pl_module, optimizer, streak: int, healthy: bool = False) -> None:
+    def _ladder(self, trainer, pl_module, slot: Slot, streak: int, healthy: bool = False) -> None:
         limit = self.max_consecutive_skips
+        optimizer = slot.optimizer
         if limit is None or streak < limit:
             if healthy and self.on_consecutive_skips == "restore":
-                self._healthy = (copy.deepcopy(pl_module.state_dict()), copy.deepcopy(optimizer.state_dict()))
-                self._restored_from_current = False
+                slot.healthy = {"params": [p.detach().clone() for p in slot.params],
+                                "buffers": self._owned_buffers(pl_module, slot),
+                                "optimizer": copy.deepcopy(optimizer.state_dict())}
+                slot.restored_from_current = False
             return
-        what = (f"GradientClipping skipped {streak} optimizer steps in a row (limit max_consecutive_skips={limit}) "
-                f"at global step {trainer.global_step}: the gradient norm was not finite"
-                + (" or above the threshold (skip_spikes=True)" if self.skip_spikes else "") + ". ")
-        if self.on_consecutive_skips == "raise" or self._healthy is None or self._restored_from_current:
+        which = "" if len(self._slots) == 1 else f"optimizer {slot.index} ({type(optimizer).__name__}) "
+        what = (f"GradientClipping skipped {streak} {which}optimizer steps in a row (limit "
+                f"max_consecutive_skips={limit}) at global step {trainer.global_step}: the gradient norm was not "
+                "finite" + (" or above the threshold (skip_spikes=True)" if self.skip_spikes else "") + ". ")
+        if self.on_consecutive_skips == "raise" or slot.healthy is None or slot.restored_from_current:
             why = "" if self.on_consecutive_skips == "raise" else (
-                "No healthy snapshot is left to restore. " if self._restored_from_current or self._healthy
+                "No healthy snapshot is left to restore. " if slot.restored_from_current or slot.healthy
                 else "No healthy logging step has been seen yet to restore from. ")
             raise RuntimeError(what + why + "Lower the learning rate, check the data for NaN/inf and the loss for "
                                "log(0) or division by zero, or use a bf16/fp32 precision.")
-        pl_module.load_state_dict(self._healthy[0])
-        optimizer.load_state_dict(self._healthy[1])
-        self._restored_from_current = True
-        for p in self._params:  # this step's gradients belong to the weights we just threw away
+        with torch.no_grad():
+            for p, saved in zip(slot.params, slot.healthy["params"], strict=True):
+                p.copy_(saved)
+            for name, saved in slot.healthy["buffers"].items():
+                pl_module.get_buffer(name).copy_(saved)
+        optimizer.load_state_dict(slot.healthy["optimizer"])
+        slot.restored_from_current = True
+        for p in slot.params:  # this step's gradients belong to the weights we just threw away
             p.grad = None
-        self._pending = None
+        slot.pending = None
+        slot.batch_skip = None  # the snapshot holds the buffers too: the batch-end restore must not undo it
         if hasattr(optimizer, "found_inf"):
             del optimizer.found_inf
-        self._state["streak"].zero_()
-        self._state["max_streak"].zero_()
-        self._host_streak = 0
+        slot.state["streak"].zero_()
+        slot.state["max_streak"].zero_()
+        slot.host_streak = 0
+
+    def _owned_buffers(self, pl_module: pl.LightningModule, slot: Slot) -> dict[str, Tensor]:
+        """Copies of the persistent buffers a healthy snapshot restores with this optimizer's parameters."""
+        owned = {id(t) for owner, tensors, _, _ in (self._buffers.groups if self._buffers else [])
+                 for t in tensors if owner in (slot.index, BufferGuard.SHARED)}
+        if len(self._slots) == 1:
+            owned = None  # one optimizer owns every buffer
+        return {n: b.detach().clone() for n, b in pl_module.named_buffers()
+                if owned is None or id(local(b)) in owned}
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
-        tensors = {k: v.detach().cpu() for k, v in self._state.items()} if self._state else (
-            self._loaded["tensors"] if self._loaded else {})
-        return {"steps": self.steps, "tensors": tensors}
+        """``steps`` and ``tensors`` of the first optimizer (the single-optimizer format), then the others'."""
+        entries = [{"steps": s.steps, "tensors": {k: v.detach().cpu() for k, v in s.state.items()} if s.state
+                    else (s.loaded or {})} for s in self._slots] or (self._loaded or [{"steps": 0, "tensors": {}}])
+        return {**entries[0], "optimizers": entries[1:]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.steps = int(state_dict["steps"])
-        self._loaded = {"tensors": dict(state_dict["tensors"])} if state_dict["tensors"] else None
-        self._state = {}
+        entries = [state_dict, *state_dict.get("optimizers", [])]
+        self._loaded = [{"steps": int(e["steps"]), "tensors": dict(e["tensors"])} for e in entries]
+        if self._slots:  # restored after on_fit_start (strategies that restore after setup)
+            self._apply_loaded()
+
+    def _apply_loaded(self) -> None:
+        if self._loaded is None:
+            return
+        if len(self._loaded) != len(self._slots):
+            raise ValueError(f"the checkpointed GradientClipping state holds {len(self._loaded)} optimizer(s) but "
+                             f"this run has {len(self._slots)}: resume with the same configure_optimizers, or "
+                             "start without the callback's state.")
+        for slot, entry in zip(self._slots, self._loaded, strict=True):
+            slot.steps = entry["steps"]
+            slot.state, slot.loaded = {}, (entry["tensors"] or None)
+        self._loaded = None
