@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tests.compat.zoo import build
+from tests.compat.zoo import build, compile_inner
 from traincraft.callbacks import (
     CovariateShiftMonitor,
     CurvatureMonitor,
@@ -87,7 +87,8 @@ def trainer_kwargs(model: str, setting: str) -> dict[str, Any]:
         accumulate_grad_batches=accumulate, precision="bf16-mixed" if setting == "bf16-mixed" else "32-true",
     )
     if setting == "ddp":
-        kwargs.update(devices=2, strategy="ddp")
+        # the discriminator's step leaves the generator without gradients: DDP must be told (Lightning's own name)
+        kwargs.update(devices=2, strategy="ddp_find_unused_parameters_true" if model == "gan" else "ddp")
     else:
         kwargs.update(devices=1)
     return kwargs
@@ -239,7 +240,8 @@ def _recomputed_outputs(module: pl.LightningModule, datamodule, count: int) -> t
     return torch.cat(rows)[:count]
 
 
-def run(model: str, setting: str, callbacks: list[str], compile_backend: str = "eager") -> dict[str, Any]:
+def run(model: str, setting: str, callbacks: list[str], compile_backend: str = "eager",
+        record: bool = True) -> dict[str, Any]:
     """Fit ``model`` under ``setting`` with ``callbacks`` (names); return plain data for the checks.
 
     One intra-op thread: these models are tiny, and on a shared machine more threads only oversubscribe the cores
@@ -248,20 +250,22 @@ def run(model: str, setting: str, callbacks: list[str], compile_backend: str = "
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _run(model, setting, callbacks, compile_backend)
+        return _run(model, setting, callbacks, compile_backend, record)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(model: str, setting: str, callbacks: list[str], compile_backend: str) -> dict[str, Any]:
+def _run(model: str, setting: str, callbacks: list[str], compile_backend: str, record: bool) -> dict[str, Any]:
     pl.seed_everything(0)
     module, datamodule = build(model)
-    fitted = torch.compile(module, backend=compile_backend) if setting == "compile" else module
+    if setting == "compile":
+        compile_inner(model, module, compile_backend)
     chosen = {name: make_callback(name, model) for name in callbacks}
     recorder, dense = Recorder(model), DenseAtProbe()
     logger = MemoryLogger()
-    trainer = pl.Trainer(logger=logger, callbacks=[recorder, *chosen.values(), dense], **trainer_kwargs(model, setting))
-    trainer.fit(fitted, datamodule=datamodule)
+    references = [recorder, *chosen.values(), dense] if record else list(chosen.values())
+    trainer = pl.Trainer(logger=logger, callbacks=references, **trainer_kwargs(model, setting))
+    trainer.fit(module, datamodule=datamodule)
     result: dict[str, Any] = {
         "model": model, "setting": setting, "rank": trainer.global_rank, "world": trainer.world_size,
         "global_step": trainer.global_step, "logged": logger.rows, "batches": recorder.batches,
@@ -272,6 +276,8 @@ def _run(model: str, setting: str, callbacks: list[str], compile_backend: str) -
                               for layer, stats in chosen["CovariateShiftMonitor"].latest.get("train", {}).items()}
     if "CurvatureMonitor" in chosen:
         result["probes"] = chosen["CurvatureMonitor"].probes
+    if not record:
+        return result
     if "DataDriftMonitor" in chosen:
         drift = chosen["DataDriftMonitor"]
         result["drift"] = {
