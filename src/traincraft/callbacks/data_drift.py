@@ -135,19 +135,21 @@ class DataDriftMonitor(Callback):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if not isinstance(max_samples, int) or max_samples < 4:
-            raise ValueError(f"max_samples must be an integer >= 4; got {max_samples!r}.")
-        if not 0.0 < alpha < 1.0:
+        if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 4:
+            raise ValueError(f"max_samples must be an integer >= 4; got {max_samples!r}. Pass e.g. 500.")
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
             raise ValueError(f"alpha must lie in (0, 1); got {alpha!r}. The usual choice is 0.05.")
         if mmd not in ("on_ks", "always", "never"):
             raise ValueError(f"mmd must be 'on_ks', 'always' or 'never'; got {mmd!r}.")
         if ks_method not in ("auto", "exact", "asymp"):
             raise ValueError(f"ks_method must be 'auto', 'exact' or 'asymp'; got {ks_method!r}.")
-        if not isinstance(num_permutations, int) or num_permutations < 19:
+        if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or num_permutations < 19:
             raise ValueError(
                 f"num_permutations must be an integer >= 19 (a p-value below 0.05 needs at least 19); "
                 f"got {num_permutations!r}."
             )
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer (the permutations' seed, the same on every rank); got {seed!r}.")
         _check_choices(layer, features, input_key, forward, reduce)
         self._extract = FeatureExtractor(layer, features, input_key, forward, reduce)
         self.layer, self.features, self.input_key, self.forward, self.reduce = layer, features, input_key, forward, reduce
