@@ -167,7 +167,7 @@ def test_non_finite_loss_stops_training_on_a_logging_step():
             return torch.full((x.shape[0], 10), float("nan"), requires_grad=True)
 
     clf = ImageClassifier(Exploding(), num_classes=10, optimizer=lambda p: torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1))
-    with pytest.raises(FloatingPointError, match="training loss is nan.*GradientClipping"):
+    with pytest.raises(FloatingPointError, match=r"optimizer step 0 .*training loss was nan.*GradientClipping"):
         tiny_trainer(max_steps=5, log_every_n_steps=1).fit(clf, datamodule=_digits())
 
 
@@ -183,6 +183,8 @@ def test_no_host_sync_on_non_logging_steps():
     with count_host_syncs(window.current, window.enabled):
         trainer.fit(clf, datamodule=dm)
     assert len(counts) == 8
+    # the first step reads the label range and (AdamW creates its state there) the non-finite flag, once per fit
+    assert counts[1] == {"__int__": 2, "item": 1}, counts[1]
     # global_step counts completed optimizer steps: steps 4 and 8 are the logging steps
-    quiet = {step: c for step, c in counts.items() if step % 4 != 0}
+    quiet = {step: c for step, c in counts.items() if step % 4 != 0 and step != 1}
     assert quiet and all(not c for c in quiet.values()), quiet

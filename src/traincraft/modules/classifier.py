@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
@@ -14,12 +15,14 @@ from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics.classification import MulticlassAccuracy
 
-from traincraft._steps import is_logging_step
+from traincraft._steps import completed_step_is_logging
 from traincraft.augment.tta import MultiCropAveraging
 from traincraft.models import build_model
+from traincraft.modules._nonfinite import GRADS, LABELS, LOSS, NonFiniteGuard, NonFiniteReport
 from traincraft.modules.param_groups import apply_lr_multipliers, layerwise_param_groups
 
 _RNG_KEY = "traincraft_rng_states"
+_POLICIES = ("raise", "warn", "skip")
 
 
 class ImageClassifier(pl.LightningModule):
@@ -43,7 +46,33 @@ class ImageClassifier(pl.LightningModule):
     ``stage/loss``     cross-entropy (with label smoothing, if set)
     ``stage/acc``      top-1 accuracy
     ``stage/acc_top5`` top-5 accuracy (only with more than 5 classes)
+    ``train/nonfinite_steps`` optimizer steps skipped as non-finite since the fit began (logging steps)
     ================== ============================================================
+
+    **Non-finite steps.** Every optimizer step is checked on the device, with no host synchronization: a
+    non-finite loss in the step's batches (all micro-batches of an accumulation window), or a non-finite gradient
+    after unscaling. Such a step is skipped exactly: parameters and optimizer state (momentum, Adam moments, step
+    counts) and the module's buffers (BatchNorm running statistics, which the forward pass already changed) stay
+    bit-identical, as if the step's batches had not been drawn. To do this without reading the flag, parameters and
+    optimizer state are copied before each step and put back by the flag after it (one copy per step); a
+    ``fused=True`` optimizer gets the flag as ``found_inf`` instead (no copy). Buffers are copied at the start of
+    each accumulation window. The first step that creates the optimizer's state reads the flag once (a
+    skipped step must not leave state behind). The first bad step is recorded on the device and read at the next
+    logging step and at the end of the fit, where ``on_nonfinite`` decides: ``"raise"`` a ``FloatingPointError``
+    naming the step (the fit ends with an error, and any checkpoint holds the finite weights of before that step),
+    ``"warn"`` and go on, or ``"skip"`` silently (the count is logged). With the
+    :class:`~traincraft.callbacks.GradientClipping` callback, or under fp16 mixed precision, the callback (or the
+    GradScaler) already skips non-finite gradients: the module then copies no parameters or optimizer state (nor,
+    with GradientClipping, which restores them itself, buffers); it multiplies the loss of a batch with a non-finite
+    loss or bad labels by NaN, so that they skip it, and reports it. Gradient-only events are theirs to skip and
+    report (``grad/skipped_steps``, ``max_consecutive_skips``).
+
+    **Labels** must be integer class indices of shape ``(batch,)``: float, bool or one-hot labels raise at once
+    (a dtype and shape check, free). Their range is checked on the host on the first training batch (one
+    synchronization), then on the device on every batch: a batch with a label outside ``[0, num_classes)`` is
+    skipped like a non-finite one and the fit stops at the next logging step with a ``ValueError`` naming the
+    step, the labels received and ``num_classes``, whatever ``on_nonfinite`` says. Validation and test labels are
+    checked on the device and reported at the end of the epoch.
 
     With ``test_time_augmentation`` (a :class:`~traincraft.augment.tta.MultiCropAveraging`), validation, test and
     prediction average the softmax over the configured views (scales, crops, mirrors); their loss is the negative
@@ -67,6 +96,8 @@ class ImageClassifier(pl.LightningModule):
         lr_multipliers: ``{glob on parameter names: multiplier}`` for per-layer learning rates.
         label_smoothing: label smoothing of the cross-entropy, in ``[0, 1)``.
         test_time_augmentation: multi-crop / flip averaging for validation, test and prediction; ``None``: off.
+        on_nonfinite: what a skipped non-finite step leads to at the next check: ``"raise"``, ``"warn"`` or
+            ``"skip"`` (see above).
 
     Example:
         >>> clf = ImageClassifier("mlp", num_classes=10, in_channels=1, input_size=8,
@@ -89,6 +120,7 @@ class ImageClassifier(pl.LightningModule):
         lr_multipliers: Optional[dict[str, float]] = None,
         label_smoothing: float = 0.0,
         test_time_augmentation: Optional[MultiCropAveraging] = None,
+        on_nonfinite: Literal["raise", "warn", "skip"] = "raise",
     ) -> None:
         super().__init__()
         # Objects are not hyperparameters: a module or an optimizer factory would not load with weights_only.
@@ -96,6 +128,11 @@ class ImageClassifier(pl.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "test_time_augmentation", *(["model"] if isinstance(model, nn.Module) else [])])
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
+        if on_nonfinite not in _POLICIES:
+            raise ValueError(
+                f"on_nonfinite must be one of {', '.join(map(repr, _POLICIES))}; got {on_nonfinite!r}. 'raise' stops "
+                "the fit at the next logging step after a non-finite step, 'warn' and 'skip' go on past it."
+            )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing}.")
         if not callable(optimizer):
@@ -119,6 +156,12 @@ class ImageClassifier(pl.LightningModule):
         self.scheduler_monitor = scheduler_monitor
         self.lr_multipliers = dict(lr_multipliers or {})
         self.label_smoothing = label_smoothing
+        self.on_nonfinite = on_nonfinite
+        self._guard = NonFiniteGuard()
+        self._labels_checked = False
+        self._batch_labels: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        self._batch_idx = 0
+        self._eval_labels: Optional[torch.Tensor] = None
         if test_time_augmentation is not None and not isinstance(test_time_augmentation, MultiCropAveraging):
             raise TypeError(
                 "test_time_augmentation must be a traincraft.augment.tta.MultiCropAveraging; got "
@@ -206,6 +249,7 @@ class ImageClassifier(pl.LightningModule):
                 f"the model returned logits of shape {tuple(logits.shape)}; expected (batch, {self.num_classes}). "
                 f"Build the model with num_classes={self.num_classes}."
             )
+        targets = self._checked_labels(targets, len(logits), stage)
         loss, per_example = self._losses(logits, targets)
         on_step = stage == "train"
         # Evaluation losses are averaged over all ranks; the training loss stays per rank (a reduction on every
@@ -228,13 +272,135 @@ class ImageClassifier(pl.LightningModule):
         outputs = self.shared_step(batch, "train")
         if not isinstance(outputs, dict):  # a subclass's shared_step that returns the loss tensor
             outputs = {"loss": outputs}
-        loss = outputs["loss"]
-        if is_logging_step(self.trainer) and not torch.isfinite(loss):  # sync point: logging step only
-            raise FloatingPointError(
-                f"the training loss is {loss.item()} at step {self.global_step}. Lower the learning rate, add "
-                "traincraft's GradientClipping callback, or check the inputs for non-finite values."
-            )
+        self._batch_idx = batch_idx
+        if self._guard.attached:
+            labels, self._batch_labels = self._batch_labels, None
+            bad = self._guard.note_batch(outputs["loss"], *(labels or (None, None)))
+            # A bad batch's gradients become NaN: the step is skipped by whichever guard sees them (this module's,
+            # GradientClipping's or fp16's GradScaler), and under DDP the NaN reaches every rank's all-reduce.
+            outputs = {**outputs, "loss": outputs["loss"] * torch.where(bad, torch.nan, 1.0).to(outputs["loss"].dtype)}
         return outputs
+
+    def _checked_labels(self, targets: Any, batch: int, stage: str) -> torch.Tensor:
+        """Labels as int64 class indices, clamped into ``[0, num_classes)`` so that the loss cannot fail on them;
+        out-of-range ones are flagged on the device (see the class docstring)."""
+        if not isinstance(targets, torch.Tensor):
+            raise TypeError(f"labels must be a tensor of class indices; got {type(targets).__name__}. Return "
+                            "(images, labels) batches with int64 labels of shape (batch,).")
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise TypeError(
+                f"labels must be integer class indices in [0, {self.num_classes}); got dtype {targets.dtype}. "
+                "Convert class indices with labels.long(); for one-hot or soft labels pass labels.argmax(1), or "
+                "override per_example_loss for soft targets."
+            )
+        if targets.shape != (batch,):
+            hint = " (one-hot labels? pass labels.argmax(1))" if targets.ndim == 2 and targets.shape[0] == batch else ""
+            raise ValueError(f"labels must have shape ({batch},), one class index per image; got shape "
+                             f"{tuple(targets.shape)}{hint}.")
+        targets = targets.long()
+        high = self.num_classes - 1
+        bad = ((targets < 0) | (targets > high)).any()
+        if stage == "train" and not self._labels_checked and targets.numel():
+            self._labels_checked = True
+            low_seen, high_seen = torch.aminmax(targets)
+            low_seen, high_seen = int(low_seen), int(high_seen)  # sync point: the fit's first training batch only
+            if low_seen < 0 or high_seen > high:
+                raise ValueError(self._label_message(low_seen, high_seen, "the first training batch"))
+        if stage == "train":
+            self._batch_labels = (bad, targets)
+        elif self._eval_labels is not None and targets.numel():
+            low_seen, high_seen = torch.aminmax(targets)
+            rec = self._eval_labels
+            torch.minimum(rec[0], low_seen, out=rec[0])
+            torch.maximum(rec[1], high_seen, out=rec[1])
+        return targets.clamp(0, high)
+
+    def _label_message(self, low: int, high: int, where: str) -> str:
+        return (
+            f"labels must lie in [0, {self.num_classes}) for num_classes={self.num_classes}; {where} has labels in "
+            f"[{low}, {high}]. Set num_classes to the data's number of classes (more than {high}), or fix the "
+            "labels (class indices start at 0)."
+        )
+
+    # ----------------------------------------------------------------- the non-finite guard
+    def on_train_start(self) -> None:
+        from traincraft.callbacks.gradient_clipping import GradientClipping
+
+        clipping = any(isinstance(cb, GradientClipping) for cb in self.trainer.callbacks)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
+        # GradientClipping skips non-finite gradients and restores the buffers itself; fp16's GradScaler only skips
+        self._guard.attach(self.trainer.optimizers, self, owns_skip=not (clipping or scaler), buffers=not clipping)
+        self._labels_checked = False
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._guard.attached:
+            self._guard.start_batch()
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        if self._guard.attached:
+            self._guard.before_step(optimizer, self.trainer.global_step, self.current_epoch, self._batch_idx)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self._guard.attached and completed_step_is_logging(self.trainer):
+            report = self._guard.read()  # sync point: logging step only
+            self.log("train/nonfinite_steps", float(report.total), on_step=True, on_epoch=False, batch_size=1)
+            self._act(report, "")
+
+    def on_train_end(self) -> None:
+        if self._guard.attached:
+            report = self._guard.read()  # sync point: the end of the fit, for steps after the last logging step
+            self._guard.detach()
+            self._act(report, " (after the last logging step)")
+
+    def teardown(self, stage: str) -> None:
+        self._guard.detach()
+
+    def _act(self, report: NonFiniteReport, when: str) -> None:
+        if not report.since:
+            return
+        where = (f"optimizer step {report.step} (epoch {report.epoch}, batch {report.batch}){when}")
+        if report.all_bits & LABELS:
+            raise ValueError(self._label_message(report.label_low, report.label_high, f"a training batch before {where}")
+                             + f" The update of {report.since} step(s) was skipped.")
+        what = []
+        if report.bits & LOSS:
+            what.append(f"the training loss was {report.loss}")
+        if report.bits & GRADS:
+            what.append("a gradient was not finite (inf or nan)")
+        message = (
+            f"ImageClassifier skipped the update of {where}: {' and '.join(what) or 'it was not finite'}. "
+            f"{report.since} step(s) were skipped since the last check, {report.total} in this fit; the weights and "
+            "optimizer state are those of before each skipped step. Lower the learning rate, add traincraft's "
+            "GradientClipping callback, check the inputs for non-finite values, or set on_nonfinite='warn' or "
+            "'skip' to train on past such steps."
+        )
+        if self.on_nonfinite == "raise":
+            raise FloatingPointError(message)
+        if self.on_nonfinite == "warn":
+            warnings.warn(message, stacklevel=2)
+
+    def _start_eval_labels(self) -> None:
+        self._eval_labels = torch.tensor([2**62, -(2**62)], device=self.device)
+
+    def _end_eval_labels(self, stage: str) -> None:
+        if self._eval_labels is None:
+            return
+        low, high = self._eval_labels.tolist()  # sync point: once per evaluation epoch
+        self._eval_labels = None
+        if low <= high and (low < 0 or high >= self.num_classes):  # low > high: no labelled batch
+            raise ValueError(self._label_message(low, high, f"the {stage} data"))
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_eval_labels()
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_eval_labels("validation")
+
+    def on_test_epoch_start(self) -> None:
+        self._start_eval_labels()
+
+    def on_test_epoch_end(self) -> None:
+        self._end_eval_labels("test")
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self.shared_step(batch, "val")
