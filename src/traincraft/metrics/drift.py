@@ -24,6 +24,8 @@ def _check_samples(x: torch.Tensor, y: torch.Tensor, min_rows: int = 1) -> None:
             raise ValueError(f"{name} must be a 2-D tensor (samples, features); got {got}. Flatten features first.")
         if t.shape[0] < min_rows:
             raise ValueError(f"{name} has {t.shape[0]} samples; the test needs at least {min_rows}.")
+        if t.is_complex():
+            raise ValueError(f"{name} is complex ({t.dtype}); pass real features, e.g. torch.view_as_real(t).flatten(1).")
     if x.shape[1] != y.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features and y has {y.shape[1]}; both samples must have the same.")
     if x.device != y.device:
@@ -122,9 +124,18 @@ def ks_test(
         >>> ks_test(x, y).rejected, ks_test(x, y + torch.tensor([0.0, 0.0, 1.0])).rejected
         (False, True)
     """
-    if not 0.0 < alpha < 1.0:
-        raise ValueError(f"alpha must lie in (0, 1); got {alpha}.")
-    stat = ks_statistic(x, y).cpu().numpy()  # the one copy to the host
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1); got {alpha!r}. The usual choice is 0.05.")
+    stat = ks_statistic(x, y)
+    nonfinite = torch.stack([(~torch.isfinite(t)).any(1).sum() for t in (x, y)]).to(stat.dtype)
+    host = torch.cat([stat, nonfinite]).cpu().numpy()  # the one copy to the host
+    stat, nonfinite = host[:-2], host[-2:]
+    if nonfinite.any():
+        raise ValueError(
+            f"x has {int(nonfinite[0])} of {x.shape[0]} samples and y {int(nonfinite[1])} of {y.shape[0]} with NaN or "
+            f"infinite features; the KS test orders values and would give a wrong statistic. Find where they come "
+            f"from (a diverged model, a bad batch) or drop those rows before testing."
+        )
     p = ks_pvalues(stat, x.shape[0], y.shape[0], method)
     adjusted = np.minimum(p * p.size, 1.0)
     return KSResult(stat, p, adjusted, bool(adjusted.min() < alpha))
@@ -227,8 +238,10 @@ def mmd_test(
         (True, True)
     """
     _check_samples(x, y, min_rows=2)
-    if num_permutations < 1 or chunk_size < 1:
-        raise ValueError(f"num_permutations and chunk_size must be positive; got {num_permutations}, {chunk_size}.")
+    if isinstance(num_permutations, bool) or not isinstance(num_permutations, int) or not isinstance(chunk_size, int) \
+            or num_permutations < 1 or chunk_size < 1:
+        raise ValueError(f"num_permutations and chunk_size must be positive integers; got {num_permutations!r}, "
+                         f"{chunk_size!r}. Pass e.g. num_permutations=1000.")
     if bandwidth is not None and not bandwidth > 0:
         raise ValueError(f"bandwidth must be positive or None (median heuristic); got {bandwidth}.")
     z = torch.cat([x, y]).detach().float()
@@ -241,4 +254,7 @@ def mmd_test(
     for start in range(0, num_permutations, chunk_size):
         null = mmd2_of_splits(kernel, splits[start : start + chunk_size])
         exceed = exceed + (null >= observed).sum()
-    return MMDResult(observed, (1.0 + exceed) / (1.0 + num_permutations), sigma)
+    pvalue = (1.0 + exceed) / (1.0 + num_permutations)
+    # NaN or infinite features make the statistic NaN, and no permutation reaches a NaN: say NaN, not "significant"
+    pvalue = torch.where(torch.isfinite(observed), pvalue, torch.full_like(pvalue, float("nan")))
+    return MMDResult(observed, pvalue, sigma)
