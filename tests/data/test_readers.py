@@ -225,7 +225,7 @@ def test_image_folder_reports_or_skips_corrupt_files(tmp_path):
     lenient = ImageFolderDataModule(str(tmp_path), image_size=16, batch_size=10, augment="none", on_error="skip",
                                     drop_last=False)
     model = ImageClassifier("mlp", num_classes=2, in_channels=3, input_size=16)
-    with pytest.warns(UserWarning, match=r"skipping unreadable image .*dog/3.png"):
+    with pytest.warns(UserWarning, match=r"skipping unreadable image: cannot decode image .*dog/3.png"):
         tiny_trainer(max_epochs=1, limit_val_batches=0).fit(model, lenient)
     assert lenient.skipped_files == 1
 

@@ -34,8 +34,17 @@ def read_cifar_binary(path: str | Path, label_bytes: int, num_classes: int) -> t
         >>> tuple(x.shape), y.tolist(), int(x[1].min())
         ((2, 3, 32, 32), [3, 7], 255)
     """
-    raw = np.fromfile(path, dtype=np.uint8)
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise ValueError(f"cannot read CIFAR file {path}: {type(error).__name__}: {error}. Unpack the binary-version "
+                         "archive again.") from error
     record = label_bytes + _IMAGE_BYTES
+    if raw.size and raw[0] == 0x80:  # a pickle protocol 2+ header; CIFAR labels are < 100
+        raise ValueError(
+            f"{path} is a Python pickle (the CIFAR 'python version'), which traincraft never unpickles (unpickling "
+            "can run code). Download the binary version (cifar-10-binary.tar.gz or cifar-100-binary.tar.gz) instead."
+        )
     if raw.size == 0 or raw.size % record:
         raise ValueError(
             f"{path} has {raw.size} bytes, not a whole number of {record}-byte records (label bytes + 3x32x32 image); "
@@ -116,14 +125,25 @@ class CIFARDataModule(ImageDataModule):
         folder = self.root / layout["folder"]
         if folder.is_dir():
             return folder
+        pickled = self.root / ("cifar-10-batches-py" if self._num_classes == 10 else "cifar-100-python")
+        if pickled.is_dir() and not self.download:
+            raise FileNotFoundError(
+                f"{folder} not found, but {pickled} holds the Python-pickle version, which traincraft never unpickles "
+                f"(unpickling can run code). Unpack {layout['archive']} (the binary version) into {self.root}, or set "
+                "download=True."
+            )
         if not self.download:
             raise FileNotFoundError(
                 f"{folder} not found. Unpack {layout['archive']} (the binary version) into {self.root}, or set "
                 "download=True."
             )
         archive = download(self.url.rstrip("/") + "/" + layout["archive"], self.root / layout["archive"], self.checksum)
-        with tarfile.open(archive) as tar:
-            tar.extractall(self.root, filter="data")  # refuses absolute paths, links out of root, devices
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(self.root, filter="data")  # refuses absolute paths, links out of root, devices
+        except (tarfile.TarError, OSError, EOFError) as error:
+            raise ValueError(f"cannot unpack {archive}: {type(error).__name__}: {error}. Delete it and download it "
+                             "again.") from error
         if not folder.is_dir():
             raise ValueError(f"{archive} did not contain {layout['folder']}/; it is not the binary-version archive.")
         return folder
@@ -133,7 +153,7 @@ class CIFARDataModule(ImageDataModule):
         folder = self._folder()
         parts = []
         for name in layout[split]:
-            if not (folder / name).exists():
+            if not (folder / name).is_file():
                 raise FileNotFoundError(f"{folder / name} is missing; the CIFAR folder is incomplete.")
             parts.append(read_cifar_binary(folder / name, layout["label_bytes"], self._num_classes))
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -45,6 +45,9 @@ def download(url: str, path: str | os.PathLike, checksum: str, timeout: float = 
     if not expected or algorithm not in hashlib.algorithms_available:
         raise ValueError(f"checksum must look like 'sha256:<hex>' or 'md5:<hex>'; got {checksum!r}.")
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory, not the file to download {url} to; move it away or choose "
+                                "another root.")
     if path.exists():
         if file_digest(path, algorithm) == expected.lower():
             return path

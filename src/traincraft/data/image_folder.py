@@ -33,7 +33,9 @@ def scan_classes(folder: Path, classes: Optional[list[str]] = None) -> tuple[lis
     samples = []
     for label, name in enumerate(classes):
         class_dir = folder / name
-        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in EXTENSIONS) if class_dir.is_dir() else []
+        # not directories (a folder named x.jpg holds no image); broken links stay, to be reported when read
+        files = sorted(p for p in class_dir.rglob("*") if p.suffix.lower() in EXTENSIONS and not p.is_dir()) \
+            if class_dir.is_dir() else []
         if not files and class_dir.is_dir():
             raise ValueError(
                 f"class folder {class_dir} holds no images ({', '.join(EXTENSIONS)}); remove it or add images."
@@ -42,10 +44,25 @@ def scan_classes(folder: Path, classes: Optional[list[str]] = None) -> tuple[lis
     return classes, samples
 
 
+def _decode_failure(path: str, error: BaseException) -> str:
+    """Why ``path`` could not be decoded, and what to do about it."""
+    from PIL import Image
+
+    if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
+        return (f"{path} is larger than PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels, Pillow's guard "
+                f"against decompression bombs ({error}). If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS in "
+                "the training script (the loader workers inherit it); otherwise delete the file")
+    if isinstance(error, FileNotFoundError):
+        return f"{path} does not exist (a broken link, or deleted after the folder was scanned)"
+    return f"cannot decode image {path}: {type(error).__name__}: {error}. Fix or delete the file"
+
+
 class ImageFolderDataset(Dataset):
     """Decodes one image file per item to a uint8 ``(C, size, size)`` tensor: the short side resized to ``size``
-    (bilinear, antialiased by Pillow), then the central square. Unreadable files raise with their path, or with
-    ``on_error="skip"`` return ``None`` (dropped by :func:`collate_skipping`) after a warning naming the file."""
+    (bilinear, antialiased by Pillow), then the central square. Unreadable files (empty, truncated, corrupt, not an
+    image, missing, larger than ``PIL.Image.MAX_IMAGE_PIXELS``) raise a ``ValueError`` with their path, or with
+    ``on_error="skip"`` return ``None`` (dropped and counted by :func:`collate_skipping`) after a warning naming
+    the file."""
 
     def __init__(self, samples: list[tuple[str, int]], size: int, channels: int, on_error: str) -> None:
         self.samples, self.size, self.channels, self.on_error = samples, size, channels, on_error
@@ -56,7 +73,14 @@ class ImageFolderDataset(Dataset):
     def fingerprint(self) -> str:
         digest = hashlib.sha256(f"{self.size}|{self.channels}".encode())
         for path, label in self.samples:
-            stat = os.stat(path)
+            try:
+                stat = os.stat(path)
+            except OSError as error:
+                if self.on_error == "raise":
+                    raise ValueError(f"{_decode_failure(path, error)}, or set on_error='skip' to skip unreadable "
+                                     "files (they are counted and reported).") from error
+                digest.update(f"{path}|{label}|unreadable\n".encode())
+                continue
             digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         return digest.hexdigest()
 
@@ -65,24 +89,30 @@ class ImageFolderDataset(Dataset):
 
         path, label = self.samples[index]
         try:
-            with Image.open(path) as image:
-                image = image.convert("RGB" if self.channels == 3 else "L")
-                width, height = image.size
-                scale = self.size / min(width, height)
-                resized = image.resize((max(self.size, round(width * scale)), max(self.size, round(height * scale))),
-                                       Image.BILINEAR)
-                left, top = (resized.width - self.size) // 2, (resized.height - self.size) // 2
-                array = np.asarray(resized.crop((left, top, left + self.size, top + self.size)), dtype=np.uint8)
-        except (OSError, ValueError, SyntaxError) as error:  # what Pillow raises on truncated or corrupt files
+            with warnings.catch_warnings():
+                # between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns, then decodes: refuse both the same way
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                array = self._decode(path)
+        except Exception as error:  # Pillow raises many types on corrupt files (OSError, SyntaxError, struct.error...)
             if self.on_error == "raise":
-                raise ValueError(
-                    f"cannot decode image {path}: {error}. Fix or delete the file, or set on_error='skip' to skip "
-                    "unreadable files (they are counted and reported)."
-                ) from error
-            warnings.warn(f"skipping unreadable image {path}: {error}", stacklevel=1)
+                raise ValueError(f"{_decode_failure(path, error)}, or set on_error='skip' to skip unreadable files "
+                                 "(they are counted and reported).") from error
+            warnings.warn(f"skipping unreadable image: {_decode_failure(path, error)}.", stacklevel=1)
             return None
         array = array[:, :, None] if array.ndim == 2 else array
         return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous(), label
+
+    def _decode(self, path: str) -> np.ndarray:
+        from PIL import Image
+
+        with Image.open(path) as image:
+            image = image.convert("RGB" if self.channels == 3 else "L")
+            width, height = image.size
+            scale = self.size / min(width, height)
+            resized = image.resize((max(self.size, round(width * scale)), max(self.size, round(height * scale))),
+                                   Image.BILINEAR)
+            left, top = (resized.width - self.size) // 2, (resized.height - self.size) // 2
+            return np.asarray(resized.crop((left, top, left + self.size, top + self.size)), dtype=np.uint8)
 
 
 def collate_skipping(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -184,5 +214,8 @@ class ImageFolderDataModule(ImageDataModule):
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, skipped = batch
-        self.skipped_files += skipped  # a host integer: counting costs no device sync
+        if skipped:  # a host integer: counting costs no device sync
+            self.skipped_files += skipped
+            warnings.warn(f"{type(self).__name__} has skipped {self.skipped_files} unreadable image file(s) so far "
+                          "(on_error='skip'; each one is named in a warning of its own).", stacklevel=2)
         return images, labels

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zlib
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,11 +44,21 @@ def read_idx(path: str | Path) -> np.ndarray:
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as error:
-        raise ValueError(f"cannot read IDX file {path}: {error}") from error
+    except (OSError, EOFError, zlib.error) as error:  # gzip: BadGzipFile (OSError), EOFError when cut, zlib.error
+        what = "a damaged or truncated gzip file" if path.suffix == ".gz" else "unreadable"
+        raise ValueError(f"cannot read IDX file {path} ({what}): {type(error).__name__}: {error}. Download it "
+                         "again.") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _DTYPES:
-        raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()}).")
+        raise ValueError(
+            f"{path} is not an IDX file: it starts with {raw[:4].hex() or 'nothing (0 bytes)'}, and IDX files start "
+            f"with 00 00, a type code ({', '.join(f'{c:02x}' for c in _DTYPES)}) and the rank. Download it again."
+        )
     rank = raw[3]
+    if len(raw) < 4 + 4 * rank:
+        raise ValueError(
+            f"{path} is truncated: its header declares rank {rank} ({4 + 4 * rank} header bytes) but the file holds "
+            f"{len(raw)} bytes. Download it again."
+        )
     shape = struct.unpack(f">{rank}I", raw[4 : 4 + 4 * rank])
     dtype = np.dtype(_DTYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -122,9 +133,16 @@ class MNISTDataModule(ImageDataModule):
     def _split(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         image_file, label_file = (self._file(n) for n in _FILES[split])
         images, labels = read_idx(image_file), read_idx(label_file)
-        if images.ndim != 3 or images.dtype != np.uint8:
-            raise ValueError(f"{image_file} must hold uint8 images (N, rows, cols); got {images.dtype} {images.shape}.")
-        if labels.ndim != 1 or len(labels) != len(images):
+        if images.ndim != 3 or images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+            raise ValueError(f"{image_file} must hold uint8 images (N, 28, 28); got {images.dtype} {images.shape}. "
+                             "Is it an MNIST image file (the labels file is the other one)?")
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"{label_file} must hold integer labels (N,); got {labels.dtype} {labels.shape}. Is it an "
+                             "MNIST label file (the images file is the other one)?")
+        if labels.size and (labels.min() < 0 or labels.max() > 9):
+            raise ValueError(f"{label_file} has labels in [{labels.min()}, {labels.max()}]; MNIST labels are 0-9. "
+                             "Download the file again.")
+        if len(labels) != len(images):
             raise ValueError(
                 f"{label_file} holds {labels.shape} labels but {image_file} holds {len(images)} images; the files do "
                 "not belong together."
