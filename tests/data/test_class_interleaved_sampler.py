@@ -161,7 +161,8 @@ def test_a_mid_epoch_checkpoint_resumes_the_same_batches(tmp_path):
     for _epoch, _, labels, _ in straight[:: per_epoch // 3]:
         assert same_class_neighbours(labels) == 0
     save = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=per_epoch + 7, save_top_k=-1)
-    _fit(tmp_path / "b", max_steps=per_epoch + 7, callbacks=[save])
+    at_end = ModelCheckpoint(dirpath=tmp_path / "end", every_n_epochs=1, save_top_k=-1)
+    _fit(tmp_path / "b", max_steps=per_epoch + 7, callbacks=[save, at_end])
     checkpoint = tmp_path / "ckpt" / f"epoch=1-step={per_epoch + 7}.ckpt"
     state = torch.load(checkpoint, weights_only=True)["DigitsDataModule"]["class_interleaved"]
     assert state == {"epoch": 1, "position": 7 * 64}
@@ -169,6 +170,13 @@ def test_a_mid_epoch_checkpoint_resumes_the_same_batches(tmp_path):
     rest = straight[per_epoch + 7 :]
     assert len(resumed) == len(rest) == per_epoch - 7
     for (e0, i0, y0, x0), (e1, i1, y1, x1) in zip(rest, resumed, strict=True):
+        assert (e0, i0) == (e1, i1) and torch.equal(y0, y1) and torch.equal(x0, x1)
+    # a checkpoint written at the end of epoch 0 resumes with the whole of epoch 1
+    end = tmp_path / "end" / f"epoch=0-step={per_epoch}.ckpt"
+    assert torch.load(end, weights_only=True)["DigitsDataModule"]["class_interleaved"] == {"epoch": 1, "position": 0}
+    resumed, _, _ = _fit(tmp_path / "d", max_epochs=2, ckpt_path=end)
+    assert len(resumed) == per_epoch
+    for (e0, i0, y0, x0), (e1, i1, y1, x1) in zip(straight[per_epoch:], resumed, strict=True):
         assert (e0, i0) == (e1, i1) and torch.equal(y0, y1) and torch.equal(x0, x1)
 
 

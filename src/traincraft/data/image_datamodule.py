@@ -498,7 +498,10 @@ class ImageDataModule(pl.LightningDataModule):
         if self._interleaved is not None and trainer is not None and trainer.state.fn == "fit":
             # Lightning's count of this epoch's processed batches, not the sampler's: the loader prefetches
             batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["class_interleaved"] = self._interleaved.state_dict(position=batches * self.batch_size)
+            sampler_state = self._interleaved.state_dict(position=batches * self.batch_size)
+            if batches >= trainer.num_training_batches:  # saved at the epoch's end (drop_last may leave a tail)
+                sampler_state = {"epoch": sampler_state["epoch"] + 1, "position": 0}
+            state["class_interleaved"] = sampler_state
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
