@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tests.compat.zoo import build, compile_inner
+from tests.compat.zoo import TinyLM, build, compile_inner
 from traincraft.callbacks import (
     CovariateShiftMonitor,
     CurvatureMonitor,
@@ -32,6 +32,7 @@ STEPPED_BATCHES = 4  # batches that end with optimizer step(s)
 LOG_EVERY = 2  # even on purpose: a two-optimizer GAN moves global_step by 2 per batch
 CLIP = 0.05
 DRIFT_SAMPLES = 16
+DRIFT_LAYER = "model.transformer.encoder"
 SEQUENCE_NORMS = (nn.LayerNorm,)
 
 
@@ -70,6 +71,8 @@ def make_callback(name: str, model: str) -> Callback:
     if name == "CovariateShiftMonitor":
         return CovariateShiftMonitor(eval_batches=0, log_histograms=False)
     if name == "DataDriftMonitor":
+        if model == "transformer":  # forward(inputs, target): the encoder's output, averaged over tokens
+            return DataDriftMonitor(layer=DRIFT_LAYER, forward="unpack", max_samples=DRIFT_SAMPLES, mmd="never")
         return DataDriftMonitor(max_samples=DRIFT_SAMPLES, mmd="never")
     if name == "HardExampleMining":
         return HardExampleMining()
@@ -153,11 +156,13 @@ class Recorder(Callback):
             self.layer_inputs = {}
         self._capture = True
         self._before = {id(p): p.detach().double().clone() for p in pl_module.parameters()}
-        self.batches.append({"batch_idx": batch_idx, "grad_norms": [], "lrs": [], "ratios": []})
+        self.batches.append({"batch_idx": batch_idx, "grad_norms": [], "grad_norm_of": {}, "lrs": [], "ratios": []})
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        index = next(i for i, o in enumerate(trainer.optimizers) if o is optimizer)
         self.batches[-1]["grad_norms"].append(_flat_norm(grads))
+        self.batches[-1]["grad_norm_of"][index] = _flat_norm(grads)
         self.batches[-1]["lrs"].append([float(group["lr"]) for group in optimizer.param_groups])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -231,8 +236,15 @@ def _recomputed_outputs(module: pl.LightningModule, datamodule, count: int) -> t
         for batch in loader:
             if datamodule is not None:
                 batch = datamodule.on_after_batch_transfer(batch, 0)
-            x = batch[0] if isinstance(batch, (tuple, list)) else batch
-            out = module(x)
+            if isinstance(module, TinyLM):  # the encoder's output (N, T, E), averaged over the tokens
+                seen: list[torch.Tensor] = []
+                handle = module.get_submodule(DRIFT_LAYER).register_forward_hook(
+                    lambda m, a, o, seen=seen: seen.append(o))
+                module(*batch)
+                handle.remove()
+                out = seen[0].mean(1)
+            else:
+                out = module(batch[0] if isinstance(batch, (tuple, list)) else batch)
             rows.append(out.float().reshape(out.shape[0], -1))
             if sum(r.shape[0] for r in rows) >= count:
                 break
@@ -283,7 +295,8 @@ def _run(model: str, setting: str, callbacks: list[str], compile_backend: str, r
         result["drift"] = {
             "reference": None if drift.reference_sample is None else drift.reference_sample.double().cpu(),
             "current": None if drift.current_sample is None else drift.current_sample.double().cpu(),
-            "recomputed": _recomputed_outputs(module, datamodule, DRIFT_SAMPLES).double().cpu(),
+            # as many as the monitor saw: limit_val_batches may hold fewer than max_samples
+            "recomputed": _recomputed_outputs(module, datamodule, len(drift.current_sample)).double().cpu(),
         }
     if "HardExampleMining" in chosen:
         sampler = chosen["HardExampleMining"].sampler
