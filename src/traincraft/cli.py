@@ -1,17 +1,28 @@
-"""``traincraft`` console script: LightningCLI with traincraft's default recipe, loggers and checkpoints."""
+"""``traincraft`` console script: LightningCLI with traincraft's default recipe, loggers and checkpoints.
+
+Every error a user can cause (a bad option or file, a value the data contradicts, a checkpoint of another model,
+a directory that cannot be written, a trainer argument Lightning refuses) ends the program with one message and
+exit status 2, before training. ``--debug`` (anywhere on the command line) or ``TRAINCRAFT_DEBUG=1`` lets every
+exception propagate with its traceback instead.
+"""
 
 from __future__ import annotations
 
+import inspect
+import os
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from traincraft.checkpoint import verify_checkpoint
+from traincraft.checkpoint import CheckpointError, verify_checkpoint
 from traincraft.data import ImageDataModule
 from traincraft.modules import ImageClassifier
 
@@ -44,6 +55,27 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint.auto_insert_metric_name": False,
 }
 
+#: (data attribute, model argument, what it is): values the data decides and the CLI links into the model.
+LINKS: tuple[tuple[str, str, str], ...] = (
+    ("num_classes", "num_classes", "classes"),
+    ("in_channels", "in_channels", "input channels"),
+    ("model_input_size", "input_size", "as its model input size (the image side after any crop of the augmentation)"),
+)
+
+# Model hyperparameters that shape training, not the network: a checkpoint may differ in them (the configured
+# value is used). Every other saved hyperparameter must match the checkpoint's, or its weights belong elsewhere.
+_TRAINING_SETTINGS = frozenset(
+    {"optimizer", "scheduler", "scheduler_interval", "scheduler_monitor", "lr_multipliers", "label_smoothing",
+     "on_nonfinite", "test_time_augmentation"}
+)
+_LOAD_FLAG = "load_model_from_checkpoint"
+_DEBUG_FLAG = "--debug"
+_DEBUG_ENV = "TRAINCRAFT_DEBUG"
+
+
+class _UserError(ValueError):
+    """A configuration the CLI refuses: ``main`` prints its message alone (exit status 2)."""
+
 
 class _SaveAndLogConfig(SaveConfigCallback):
     """Writes ``config.yaml`` to the run directory and sends the whole configuration to every logger."""
@@ -54,13 +86,81 @@ class _SaveAndLogConfig(SaveConfigCallback):
             logger.log_hyperparams({"cli_config": config})
 
 
+def _unwritable(path: str) -> Optional[str]:
+    """Why ``path`` cannot become a writable directory (None: it can). Creates nothing that stays."""
+    target = Path(path).expanduser().absolute()
+    existing = target
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a directory"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".traincraft-write-test-", dir=existing)
+    except OSError as error:
+        return f"{existing} is not writable ({error.strerror or error})"
+    os.close(handle)
+    os.unlink(probe)
+    return None
+
+
+def _describe(hparams: dict[str, Any], keys: list[str]) -> str:
+    name = str(hparams.get("_class_path", "the model")).rsplit(".", 1)[-1]
+    return f"{name}({', '.join(f'{key}={hparams.get(key)!r}' for key in keys if key != '_class_path')})"
+
+
+def _model_differences(saved: dict[str, Any], built: dict[str, Any]) -> list[str]:
+    """Hyperparameters that define the network and differ between a checkpoint and the configured model."""
+    keys = [k for k in saved if k in built and k != "_instantiator" and k not in _TRAINING_SETTINGS]
+    return [k for k in keys if saved[k] != built[k]]
+
+
+def check_checkpoint_model(path: str, saved: dict[str, Any], built: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose saved model hyperparameters contradict the configured model's."""
+    differences = _model_differences(saved, built)
+    if not differences:
+        return
+    linked = [k for k in differences if k in {target for _, target, _ in LINKS}]
+    hint = (
+        f" ({', '.join(linked)} come{'s' if len(linked) == 1 else ''} from the data: is this the data the "
+        "checkpoint was trained on?)" if linked else ""
+    )
+    raise _UserError(
+        f"the checkpoint {path} holds another model: it was saved from {_describe(saved, differences)}, but the "
+        f"configuration builds {_describe(built, differences)}{hint}. Pass --{_LOAD_FLAG}=true to build the "
+        "checkpoint's model instead, change the model configuration to match it, or choose another checkpoint."
+    )
+
+
+class _CheckpointModelGuard:
+    """Wraps a module's ``on_load_checkpoint``: checks the checkpoint's model before Lightning loads its weights.
+
+    For ``--ckpt_path last``/``best``, which only the trainer resolves to a file."""
+
+    def __init__(self, module: LightningModule) -> None:
+        self.module = module
+        self.original = module.on_load_checkpoint
+
+    def __call__(self, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get("hyper_parameters") or {}
+        check_checkpoint_model(str(self.module.trainer.ckpt_path), saved, dict(self.module.hparams))
+        self.original(checkpoint)
+
+
 class TraincraftCLI(LightningCLI):
     """LightningCLI for traincraft: ``fit``, ``validate``, ``test`` and ``predict`` with the default recipe.
 
     The model is an :class:`~traincraft.modules.ImageClassifier` (or subclass) and the data any
-    :class:`~traincraft.data.ImageDataModule`; the data's ``num_classes``, ``in_channels`` and ``image_size`` are
-    linked into the model (``model_input_size``: the size after any crop of the augmentation). Defaults: :data:`DEFAULTS` (W&B, offline without credentials, plus CSV; best and last
-    checkpoints in ``runs/checkpoints``, so ``fit --ckpt_path last`` resumes).
+    :class:`~traincraft.data.ImageDataModule`; the data's ``num_classes``, ``in_channels`` and ``model_input_size``
+    (the size after any crop of the augmentation) are linked into the model's ``num_classes``, ``in_channels`` and
+    ``input_size``: setting one of those to a different value is an error. Defaults: :data:`DEFAULTS` (W&B, offline
+    without credentials, plus CSV; best and last checkpoints in ``runs/checkpoints``, so ``fit --ckpt_path last``
+    resumes).
+
+    ``--ckpt_path`` loads weights into the configured model; a checkpoint saved from another model (another
+    architecture, ``model_kwargs``, number of classes...) is refused unless ``--load_model_from_checkpoint=true``,
+    which builds the checkpoint's model from its saved hyperparameters (Lightning's own behaviour).
+    Directories the run writes (``trainer.default_root_dir``, each logger's ``save_dir``, checkpoint directories)
+    are checked before anything runs.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True, **kwargs: Any) -> None:
@@ -68,7 +168,9 @@ class TraincraftCLI(LightningCLI):
         kwargs.setdefault("save_config_callback", _SaveAndLogConfig)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml"})
+        # exit_on_error=False: parse errors reach main() as ArgumentError, printed without jsonargparse's usage dump
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", "exit_on_error": False})
+        self._checkpoint_hparams_loaded = False
         super().__init__(
             ImageClassifier,
             ImageDataModule,
@@ -79,41 +181,197 @@ class TraincraftCLI(LightningCLI):
             **kwargs,
         )
 
-    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        super().parse_arguments(parser, args)
-        ckpt_path = self.config.get(str(self.config.get("subcommand")), {}).get("ckpt_path")
-        if ckpt_path and Path(ckpt_path).is_file():  # before LightningCLI torch.loads it for hyperparameters
-            verify_checkpoint(ckpt_path)
-
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_argument(
+            f"--{_LOAD_FLAG}",
+            type=bool,
+            default=False,
+            help="Build the model from the hyperparameters saved in --ckpt_path (a file) instead of the configuration. "
+            "Without it a checkpoint of another model is refused.",
+        )
         parser.set_defaults(DEFAULTS)
-        for source, target in (("num_classes", "num_classes"), ("in_channels", "in_channels"), ("model_input_size", "input_size")):
+        for source, target, _ in LINKS:
             parser.link_arguments(f"data.{source}", f"model.init_args.{target}", apply_on="instantiate")
 
+    def _subcommand_config(self) -> Any:
+        return self.config.get(str(self.config.get("subcommand")), self.config)
 
-def _root_cause(error: BaseException) -> BaseException:
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
+    def _parse_ckpt_path(self) -> None:
+        config = self._subcommand_config()
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and Path(ckpt_path).is_file():  # before anything torch.loads it
+            verify_checkpoint(ckpt_path)
+        if not config.get(_LOAD_FLAG):
+            return
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            raise _UserError(
+                f"--{_LOAD_FLAG}=true needs --ckpt_path to name a checkpoint file; got --ckpt_path={ckpt_path!r}. "
+                "Pass the file (e.g. runs/checkpoints/last.ckpt), or drop the flag to use the configured model."
+            )
+        super()._parse_ckpt_path()  # Lightning's: the checkpoint's hyperparameters replace the model's
+        self._checkpoint_hparams_loaded = True
+
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand is None:
+            return
+        self._check_links()
+        self._check_checkpoint()
+        self._check_directories()
+
+    def _check_links(self) -> None:
+        """A model value that the data links must not be set to anything else: the link would override it."""
+        model_config = self._subcommand_config().get("model")
+        if self.datamodule is None or model_config is None:
+            return
+        init_args = {**dict(model_config.get("dict_kwargs") or {}), **vars(model_config.get("init_args") or {})}
+        signature = inspect.signature(type(self.model).__init__).parameters
+        for source, target, what in LINKS:
+            given = init_args.get(target)
+            default = signature[target].default if target in signature else None
+            linked = getattr(self.datamodule, source, None)
+            if given is None or given in (default, linked):
+                continue
+            origin = (
+                f"the checkpoint {self._subcommand_config().get('ckpt_path')} saved model.init_args.{target}={given!r}"
+                if self._checkpoint_hparams_loaded
+                else f"model.init_args.{target}={given!r} was set"
+            )
+            data = type(self.datamodule).__name__
+            amount = f"has {linked} {what}" if what in ("classes", "input channels") else f"gives {linked} {what}"
+            fix = (
+                f"Use the data the checkpoint was trained on ({source}={given!r}), or drop --{_LOAD_FLAG}"
+                if self._checkpoint_hparams_loaded
+                else f"Remove the setting (the data decides), or use data with {source}={given!r}"
+            )
+            raise _UserError(
+                f"{origin}, but the data ({data}) {amount} and links it: traincraft sets model.init_args.{target} "
+                f"from data.{source}. {fix}."
+            )
+
+    def _check_checkpoint(self) -> None:
+        ckpt_path = self._subcommand_config().get("ckpt_path")
+        if not ckpt_path or self._checkpoint_hparams_loaded:
+            return
+        if Path(ckpt_path).is_file():
+            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters")
+            check_checkpoint_model(str(ckpt_path), saved or {}, dict(self.model.hparams))
+        else:  # "last", "best", ...: the trainer finds the file; check it before its weights are loaded
+            self.model.on_load_checkpoint = _CheckpointModelGuard(self.model)
+
+    def _check_directories(self) -> None:
+        trainer = self.trainer
+        places = [("trainer.default_root_dir", trainer.default_root_dir, "--trainer.default_root_dir=<dir>")]
+        for index, logger in enumerate(trainer.loggers):
+            where = f"save_dir of trainer.logger[{index}] ({type(logger).__name__})"
+            places.append((where, logger.save_dir, "that logger's init_args.save_dir in trainer.logger"))
+        if self.subcommand == "fit":
+            configured = self._get(self.config_init, "checkpoint")
+            for callback in trainer.checkpoint_callbacks:
+                if callback is configured:
+                    places.append(("checkpoint.dirpath", callback.dirpath, "--checkpoint.dirpath=<dir>"))
+                else:
+                    name = type(callback).__name__
+                    places.append((f"dirpath of {name}", getattr(callback, "dirpath", None), f"{name}'s dirpath"))
+        for key, path, fix in places:
+            if path is None or "://" in str(path):  # remote file systems: left to fsspec
+                continue
+            reason = _unwritable(str(path))
+            if reason is not None:
+                raise _UserError(f"cannot write to {path!r} ({key}): {reason}. Set {fix} to a directory you can write to.")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except MisconfigurationException as error:
+            raise _UserError(f"the trainer refused its arguments: {error} Fix the trainer option named here.") from error
+
+
+# ---------------------------------------------------------------------------------------------------- errors
+# A user error ends the program with one line (exit 2); anything else is a bug and keeps its traceback (exit 1).
+
+
+def _raised_in(error: BaseException, packages: tuple[str, ...]) -> bool:
+    frames = traceback.extract_tb(error.__traceback__)
+    return bool(frames) and any(f"{os.sep}{package}{os.sep}" in frames[-1].filename for package in packages)
+
+
+def _user_message(error: BaseException) -> Optional[str]:
+    """The message for an error the user can fix, or None for an internal error."""
+    import argparse
+
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    for link in chain:
+        if isinstance(link, _UserError):
+            return str(link)
+        if isinstance(link, argparse.ArgumentError):
+            return f"{link}\nSee `traincraft <subcommand> --help` for the accepted options."
+    cause = chain[-1]
+    if isinstance(cause, (CheckpointError, MisconfigurationException)):
+        return str(cause)
+    if isinstance(cause, OSError) and not isinstance(cause, ConnectionError):
+        if cause.filename is not None and cause.strerror:
+            return f"{cause.strerror}: {cause.filename!r}. Check the path and its permissions."
+        return str(cause)
+    if isinstance(cause, RuntimeError) and str(cause).startswith("Error(s) in loading state_dict"):
+        return f"the checkpoint's weights do not fit the model: {cause}"
+    if type(cause).__module__.startswith(("wandb", "yaml")) and type(cause).__name__ in (
+        "UsageError", "AuthenticationError", "YAMLError", "ScannerError", "ParserError"
+    ):
+        return str(cause)
+    if isinstance(cause, (ValueError, TypeError, KeyError)) and _raised_in(
+        cause, ("traincraft", "lightning", "jsonargparse")
+    ):
+        return str(cause)
+    return None
+
+
+def _debugging(argv: list[str]) -> tuple[bool, list[str]]:
+    flag = _DEBUG_FLAG in argv
+    rest = [arg for arg in argv if arg != _DEBUG_FLAG]
+    return flag or os.environ.get(_DEBUG_ENV, "").lower() in ("1", "true", "yes"), rest
 
 
 def main(args: Optional[ArgsType] = None) -> None:
     """Entry point of the ``traincraft`` console script.
 
-    Configuration errors found while building the model, data or trainer (an unknown model name, a
-    ``num_classes`` that does not match the data, ...) end the program with their own message and exit status 2
-    instead of jsonargparse's nested traceback.
+    User errors (bad options, files, configurations, checkpoints, directories, trainer arguments) print
+    ``traincraft: error: <what was wrong and what to do>`` and exit with status 2; internal errors print their
+    traceback and exit with status 1. ``--debug`` or ``TRAINCRAFT_DEBUG=1``: every exception propagates as is.
     """
+    if args is None:
+        debug, rest = _debugging(sys.argv[1:])
+        sys.argv[1:] = rest  # LightningCLI reads sys.argv itself (and warns when args are passed beside it)
+    elif isinstance(args, (list, tuple)):
+        debug, args = _debugging(list(args))
+    else:
+        debug = _debugging([])[0]
+    if debug:
+        os.environ["JSONARGPARSE_DEBUG"] = "1"  # jsonargparse's own tracebacks too
     try:
         TraincraftCLI(args=args)
         # Under DDP on gloo an undestroyed process group can abort the process at interpreter shutdown.
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.barrier()  # every rank done with its collectives before gloo is torn down
             torch.distributed.destroy_process_group()
-    except (ValueError, TypeError) as error:
-        print(f"traincraft: error: {_root_cause(error)}", file=sys.stderr)
-        raise SystemExit(2) from error
+    except Exception as error:
+        if debug:
+            raise
+        message = _user_message(error)
+        if message is not None:
+            print(f"traincraft: error: {message}", file=sys.stderr)
+            raise SystemExit(2) from error
+        traceback.print_exception(error)
+        print(
+            f"traincraft: internal error: {type(error).__name__}: {error}\nThis looks like a bug (in traincraft, a "
+            f"library or your own module), not a configuration problem. Rerun with {_DEBUG_FLAG} (or "
+            f"{_DEBUG_ENV}=1) to let the exception propagate, e.g. into a debugger, and report it with the "
+            "traceback above.",
+            file=sys.stderr,
+        )
+        raise SystemExit(1) from error
 
 
 if __name__ == "__main__":

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import netrc
 import os
+from math import inf
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
 
 _WANDB_HOST = "api.wandb.ai"
 
@@ -33,20 +35,44 @@ def wandb_should_be_offline(offline: Optional[bool] = None) -> bool:
     return not wandb_credentials_configured()
 
 
+#: Seconds ``wandb.init`` may try to reach the W&B server before the run falls back to offline mode.
+DEFAULT_INIT_TIMEOUT = 15.0
+
+
+def _with_init_timeout(settings: Any, timeout: float) -> Any:
+    """``settings`` (None, a dict or ``wandb.Settings``) with ``init_timeout`` set, unless it already sets one."""
+    import wandb
+
+    if settings is None:
+        return wandb.Settings(init_timeout=timeout)
+    if isinstance(settings, dict):
+        return {"init_timeout": timeout, **settings}
+    if isinstance(settings, wandb.Settings) and "init_timeout" not in settings.model_fields_set:
+        settings.init_timeout = timeout
+    return settings
+
+
 class WandbLogger(_LightningWandbLogger):
-    """Lightning's ``WandbLogger`` that goes online only when W&B credentials are configured.
+    """Lightning's ``WandbLogger`` that goes online only when it can, and never stops a fit.
 
     Without credentials (no ``WANDB_API_KEY``, no ``~/.netrc`` entry) the run is recorded offline under
     ``save_dir/wandb/offline-run-*``; upload it later with ``wandb sync <that directory>``.
     ``WANDB_MODE=offline`` forces offline mode everywhere.
 
+    With credentials but no reachable server (no network, a firewall, a wrong ``WANDB_BASE_URL``), ``wandb.init``
+    gives up after ``init_timeout`` seconds (W&B's own default is 90) and the run falls back to offline mode with
+    one warning that names the directory to sync; training goes on. The same happens when the server refuses the
+    credentials. Checkpoints are not uploaded offline: ``log_model`` is then dropped with that warning.
+
     Args:
         name: display name of the run.
-        save_dir: directory that receives the ``wandb/`` run directories.
+        save_dir: directory that receives the ``wandb/`` run directories (created when the run starts).
         project: W&B project.
         offline: ``None`` decides from the credentials; ``True``/``False`` forces the mode.
         log_model: upload checkpoints as artifacts: ``False``, ``True`` (at the end) or ``"all"`` (each save).
-        **kwargs: passed to ``lightning.pytorch.loggers.WandbLogger`` (``entity``, ``tags``, ``group``, ...).
+        init_timeout: seconds to wait for the W&B server when the run starts before going offline (> 0).
+        **kwargs: passed to ``lightning.pytorch.loggers.WandbLogger`` (``entity``, ``tags``, ``group``, ``settings``,
+            ...). A ``settings`` that sets its own ``init_timeout`` keeps it.
     """
 
     def __init__(
@@ -56,10 +82,27 @@ class WandbLogger(_LightningWandbLogger):
         project: str = "traincraft",
         offline: Optional[bool] = None,
         log_model: Union[Literal["all"], bool] = False,
+        init_timeout: float = DEFAULT_INIT_TIMEOUT,
         **kwargs: Any,
     ) -> None:
-        Path(save_dir).mkdir(parents=True, exist_ok=True)
+        if isinstance(init_timeout, bool) or not isinstance(init_timeout, (int, float)) or not 0 < init_timeout < inf:
+            raise ValueError(
+                f"init_timeout must be a positive number of seconds; got {init_timeout!r}. It bounds how long W&B "
+                f"tries to reach its server before the run goes offline (default {DEFAULT_INIT_TIMEOUT:g})."
+            )
+        if offline and log_model:
+            raise ValueError(
+                f"log_model={log_model!r} uploads checkpoints, which an offline run (offline=True) cannot do. Set "
+                "log_model: false, or leave offline unset so that the run goes online when credentials exist."
+            )
         self.offline_mode = wandb_should_be_offline(offline)
+        self.init_timeout = float(init_timeout)
+        if self.offline_mode and log_model:  # no credentials or WANDB_MODE=offline: a missing login must not stop a fit
+            rank_zero_warn(
+                f"W&B runs offline here (no credentials, or WANDB_MODE={os.environ.get('WANDB_MODE', '')!r}), so "
+                f"log_model={log_model!r} is ignored: checkpoints stay in their directory and are not uploaded."
+            )
+            log_model = False
         super().__init__(
             name=name,
             save_dir=save_dir,
@@ -68,6 +111,36 @@ class WandbLogger(_LightningWandbLogger):
             log_model=log_model,
             **kwargs,
         )
+        self._wandb_init["settings"] = _with_init_timeout(self._wandb_init.get("settings"), self.init_timeout)
+
+    @property
+    def experiment(self) -> Any:
+        """The W&B run, started on first use; an online start that fails goes offline instead (one warning)."""
+        if self._experiment is None and rank_zero_only.rank == 0:
+            Path(self.save_dir or ".").mkdir(parents=True, exist_ok=True)  # else wandb silently picks a temp dir
+            if not self._offline:
+                import wandb
+
+                try:
+                    return super().experiment
+                except (wandb.errors.Error, TimeoutError, ConnectionError) as error:
+                    self._go_offline(error)
+        return super().experiment
+
+    def _go_offline(self, error: BaseException) -> None:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        dropped = (
+            f" log_model={self._log_model!r} is dropped: checkpoints stay local." if self._log_model else ""
+        )
+        rank_zero_warn(
+            f"W&B could not start an online run within init_timeout={self.init_timeout:g} s ({reason}). "
+            f"Training goes on with the run recorded offline in {Path(self.save_dir or '.') / 'wandb'}/offline-run-*; "
+            f"upload it later with `wandb sync <that directory>`.{dropped} Set WANDB_MODE=offline to skip the "
+            "attempt, or raise init_timeout on the logger if the server is only slow."
+        )
+        self._offline = self.offline_mode = True
+        self._log_model = False
+        self._wandb_init["mode"] = "offline"
 
     @property
     def run_dir(self) -> str:
