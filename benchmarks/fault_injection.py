@@ -78,8 +78,7 @@ def kill(process: subprocess.Popen, ckpts: Path, tmpdir: Path, watch_tmpdir: boo
             saves += bool(started or copying or partial)
             if saves >= write:
                 break
-            before = now
-            time.sleep(0.0002)
+            before = now  # no sleep: a copy from tmpfs onto the run directory lasts a few milliseconds
         else:
             time.sleep(0.01)
     if process.poll() is not None:

@@ -225,6 +225,27 @@ def test_an_exception_mid_write_leaves_the_previous_file_intact_and_no_temporary
     assert SafeCheckpointIO().load_checkpoint(path)["epoch"] == 3
 
 
+def test_the_next_save_removes_only_temporaries_of_dead_writers_of_this_host(tmp_path):
+    from traincraft.checkpoint import _HOST
+
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    dead = os.fork()  # a reaped child: a pid of this host that is surely not running
+    if dead == 0:
+        os._exit(0)
+    os.waitpid(dead, 0)
+    names = {
+        "dead writer": f".best.ckpt.{_HOST}-{dead}-0123abcd.tmp",
+        "live writer": f".last.ckpt.{_HOST}-{os.getppid()}-0123abcd.tmp",
+        "other host": f".last.ckpt.elsewhere-{dead}-0123abcd.tmp",
+        "not ours": ".notes.tmp",
+    }
+    for name in names.values():
+        (folder / name).write_bytes(b"partial")
+    SafeCheckpointIO().save_checkpoint({"state_dict": {}}, folder / "last.ckpt")
+    assert sorted(os.listdir(folder)) == sorted(["last.ckpt", names["live writer"], names["other host"], names["not ours"]])
+
+
 def _other_filesystem_tmpdir(tmp_path: Path) -> Path | None:
     shm = Path("/dev/shm")
     if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
