@@ -222,3 +222,70 @@ def test_ranks_with_different_signals_take_the_same_decision_in_ddp(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["ratio"] == pytest.approx(0.05, rel=1e-3) and ranks[1]["ratio"] == pytest.approx(0.15, rel=1e-3)
     assert ranks[0]["factors"] == ranks[1]["factors"] == {"SGD": pytest.approx(1.25**2)}
+
+
+class _UpdatesAndRates(Callback):
+    """Placed after the governor: every optimizer step's update per group and the rate it stepped with (read by a
+    step pre-hook registered after the governor's, so it sees scheduled lr × factor)."""
+
+    def __init__(self):
+        self.updates: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.used: dict[tuple[int, int], list[float]] = {}
+        self._before: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        for index, optimizer in enumerate(trainer.optimizers):
+            optimizer.register_step_pre_hook(lambda opt, a, k, i=index: self._pre(i, opt))
+            optimizer.register_step_post_hook(lambda opt, a, k, i=index: self._post(i, opt))
+
+    def _pre(self, index, optimizer):
+        self._before[index] = [torch.cat([p.detach().double().reshape(-1) for p in g["params"]])
+                               for g in optimizer.param_groups]
+        for g, group in enumerate(optimizer.param_groups):
+            self.used.setdefault((index, g), []).append(float(group["lr"]))
+
+    def _post(self, index, optimizer):
+        for g, group in enumerate(optimizer.param_groups):
+            after = torch.cat([p.detach().double().reshape(-1) for p in group["params"]])
+            self.updates.setdefault((index, g), []).append(after - self._before[index][g])
+
+
+def _cosine_ema(updates, upto, ema=0.9):
+    """The bias-corrected EMA of cos(Δθₜ, Δθₜ₋₁) over the first ``upto`` updates."""
+    value, n = 0.0, 0
+    for current, previous in zip(updates[1:upto], updates[: upto - 1], strict=True):
+        cos = float(current @ previous / (current.norm() * previous.norm()))
+        value, n = ema * value + (1 - ema) * cos, n + 1
+    return value / (1 - ema**n)
+
+
+@pytest.mark.parametrize(("model", "setting"), [("gan", "fp32"), ("mlp", "accumulate"), ("mlp", "bf16-mixed")])
+def test_decides_on_lightnings_logging_steps_from_the_recorded_updates(model, setting):
+    """A two-optimizer GAN with an even interval (global_step moves by 2 per batch), accumulation and bf16: one
+    decision per logging step, from the cosine EMA of the real updates, and the next steps use scheduled lr × f."""
+    from lightning.pytorch import Trainer
+
+    from tests.compat._cells import STEPPED_BATCHES, trainer_kwargs
+    from tests.compat.zoo import build
+
+    seed_everything(0)
+    module, _ = build(model)
+    governor = LearningRateGovernor(warmup_steps=0, down=0.5, up=1.5, oscillation_threshold=-0.99,
+                                    steady_threshold=-0.98)  # every decision goes up: the factor must show
+    record = _UpdatesAndRates()
+    kwargs = {**trainer_kwargs(model, setting), "limit_val_batches": 0, "logger": False}
+    trainer = Trainer(callbacks=[governor, record], **kwargs)
+    trainer.fit(module)
+    assert governor.decisions == STEPPED_BATCHES // 2  # stepped batches 2 and 4
+    names = ["SGD", "SGD-1"] if model == "gan" else ["SGD"]
+    assert sorted(governor.factors) == names and all(f == pytest.approx(2.25) for f in governor.factors.values())
+    for (index, g), updates in record.updates.items():
+        assert len(updates) == STEPPED_BATCHES
+        name = names[index]
+        logged = trainer.callback_metrics[f"governor/{name}/update_cosine"].item()
+        assert logged == pytest.approx(_cosine_ema(updates, STEPPED_BATCHES), rel=1e-4, abs=1e-6)
+        used = record.used[(index, g)]
+        group = trainer.optimizers[index].param_groups[g]
+        scheduled = group.get("initial_lr", group["lr"])  # BoringModel's StepLR steps only at the epoch's end
+        # steps 1-2 at f = 1, 3-4 at f = 1.5 (the decision after stepped batch 2)
+        assert used == pytest.approx([scheduled, scheduled, 1.5 * scheduled, 1.5 * scheduled], rel=1e-6)
