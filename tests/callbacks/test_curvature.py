@@ -134,6 +134,26 @@ def test_the_probe_does_not_disturb_training():
             assert (a is None and b is None) or torch.equal(a, b)
 
 
+class _PlainClassifier(LightningModule):
+    """An MLP with BatchNorm and Adam, without ImageClassifier's own first-step checks (they sync once by design)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.net(x.float())
+
+    def compute_loss(self, logits, targets):
+        return nn.functional.cross_entropy(logits, targets)
+
+    def training_step(self, batch, batch_idx):
+        return self.compute_loss(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+
 def test_logged_at_logging_steps_only_and_without_host_sync_elsewhere():
     window = SyncWindow()
     counts, current, enabled = window.counts, window.current, window.enabled
@@ -145,7 +165,7 @@ def test_logged_at_logging_steps_only_and_without_host_sync_elsewhere():
     trainer = tiny_trainer(max_steps=8, log_every_n_steps=4, limit_val_batches=0, logger=logger,
                            callbacks=[monitor, window])
     with count_host_syncs(current, enabled):
-        trainer.fit(_classifier(functools.partial(torch.optim.Adam, lr=1e-3)), datamodule=DigitsDataModule(image_size=8))
+        trainer.fit(_PlainClassifier(), datamodule=DigitsDataModule(image_size=8))
     assert len(counts) == 8
     quiet = {step: c for step, c in counts.items() if step % 4 != 0}  # includes probe steps 1 and 7
     assert quiet and all(not c for c in quiet.values()), quiet
@@ -213,16 +233,21 @@ def test_bad_configuration_and_modules_without_a_loss_are_rejected():
 
 def test_the_eigenvector_is_checkpointed_and_warm_starts_after_resume(tmp_path):
     monitor = CurvatureMonitor(every_n_steps=2)
-    _, trainer = _fit([monitor], functools.partial(torch.optim.SGD, lr=0.05), max_steps=3)
+    _, trainer = _fit([monitor], functools.partial(torch.optim.SGD, lr=0.05), max_steps=3, hidden=[8])
     path = tmp_path / "c.ckpt"
     trainer.save_checkpoint(path)
     state = torch.load(path, weights_only=True)["callbacks"][monitor.state_key]
     assert torch.equal(state["eigenvector"], monitor.eigenvector) and state["probes"] == 2
     assert torch.equal(state["eigenvector_min"], monitor.eigenvector_min)
-    fresh = CurvatureMonitor(every_n_steps=2, first_iterations=1000)  # a cold start would take 1000 iterations
-    fresh.load_state_dict(state)
-    assert torch.equal(fresh.eigenvector, monitor.eigenvector)
-    assert torch.equal(fresh.eigenvector_min, monitor.eigenvector_min)
+    fresh = CurvatureMonitor(every_n_steps=2, first_iterations=2)  # a cold start would be far off with 2 products
+    dense = DenseAtProbe(fresh)
+    seed_everything(0)
+    resumed = tiny_trainer(max_steps=4, max_epochs=-1, limit_val_batches=0, callbacks=[fresh, dense], logger=False)
+    clf = _classifier(functools.partial(torch.optim.SGD, lr=0.05), hidden=[8])
+    resumed.fit(clf, datamodule=DigitsDataModule(image_size=8, batch_size=64), ckpt_path=path)
+    # the resumed fit's first stepped batch (the 4th, off the every-2 grid) is probed, warm from the checkpoint
+    assert fresh.probes == 3
+    _assert_ends(fresh, dense.spectra[-1])
 
 
 class _Players(LightningModule):

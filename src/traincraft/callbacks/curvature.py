@@ -88,7 +88,8 @@ class CurvatureMonitor(Callback):
     ``probe_batch_size`` cuts it in proportion.
 
     Args:
-        every_n_steps: probe after the training batches that stepped number 1, 1+N, 1+2N, ... in this fit.
+        every_n_steps: probe after the training batches that stepped number 1, 1+N, 1+2N, ... (and after the
+            first stepped batch of a resumed fit, so that a model the probe cannot handle fails early).
             It counts batches that ended with optimizer step(s), as Lightning's ``log_every_n_steps`` does: a batch
             of a two-optimizer GAN counts once (``trainer.global_step`` moves by 2), an accumulation window of
             ``accumulate_grad_batches`` micro-batches counts once.
@@ -189,7 +190,10 @@ class CurvatureMonitor(Callback):
         if self._probe_batch is None:
             self._probe_batch = _detached_head(batch, self.probe_batch_size)
         stepped = batches_stepped(trainer)  # batches that stepped before this one: a host int, no sync
-        if batch_steps(trainer) and stepped != self._last_probe_batch and stepped % self.every_n_steps == 0:
+        # the first stepped batch of every fit (also a resumed one) is probed: a model the probe cannot handle
+        # fails there, not after an epoch
+        first = self._last_probe_batch < 0
+        if batch_steps(trainer) and stepped != self._last_probe_batch and (first or stepped % self.every_n_steps == 0):
             self._last_probe_batch = stepped
             optimizers = trainer.optimizers
             self.last = self.probe(pl_module, optimizers[self.optimizer_index] if optimizers else None,
