@@ -472,3 +472,52 @@ def test_sequence_reductions():
     torch.testing.assert_close(reduce_features(images, "mean"), images.mean((2, 3)))
     assert reduce_features(torch.ones(5), "mean").shape == (5, 1)
     assert reduce_features(x, "mean").dtype == torch.float32
+
+
+class Noisy(pl.LightningModule):
+    """Dropout, BatchNorm and noise drawn in forward: anything an extra forward pass could disturb."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Dropout(0.3), nn.Linear(8, 2))
+
+    def forward(self, x):
+        return self.net(x + 0.1 * torch.randn_like(x))
+
+    def training_step(self, batch, batch_idx):
+        return self(batch[0]).square().mean()
+
+    def validation_step(self, batch, batch_idx):
+        self(batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_the_monitor_leaves_training_unchanged():
+    """The first batch's check and the validations run forward passes; weights, BatchNorm statistics and the random
+    stream after the fit are bit-identical to a fit without the monitor."""
+    data = TensorDataset(torch.randn(48, 6, generator=torch.Generator().manual_seed(3)))
+    states = []
+    for callbacks in ([], [DataDriftMonitor(max_samples=16, num_permutations=50)]):
+        pl.seed_everything(7)
+        module = Noisy()
+        trainer = tiny_trainer(max_steps=6, val_check_interval=3, num_sanity_val_steps=0, callbacks=callbacks)
+        trainer.fit(module, DataLoader(data, batch_size=8), DataLoader(data, batch_size=8))
+        states.append((module.state_dict(), torch.rand(3), module.training))
+    (plain, rand_plain, mode_plain), (monitored, rand_monitored, mode_monitored) = states
+    assert plain.keys() == monitored.keys() and all(torch.equal(plain[k], monitored[k]) for k in plain)
+    assert torch.equal(rand_plain, rand_monitored) and mode_plain == mode_monitored
+
+
+def test_an_rnn_layer_gives_its_output_sequence_reduced_over_time():
+    lstm = nn.LSTM(3, 4, batch_first=True)
+    module = nn.Sequential()
+    module.add_module("rnn", lstm)
+    x = torch.randn(5, 7, 3)
+    trainer = tiny_trainer()
+    for reduce, expected in (("mean", lambda out: out.mean(1)), ("last", lambda out: out[:, -1]),
+                             ("flatten", lambda out: out.reshape(5, 28))):
+        monitor = DataDriftMonitor(layer="rnn", reduce=reduce)
+        with torch.no_grad():
+            torch.testing.assert_close(monitor.features_of(trainer, module, (x, None)), expected(lstm(x)[0]))

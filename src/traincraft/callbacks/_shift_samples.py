@@ -57,8 +57,10 @@ def training_subset_loader(
     count = min(total, size)
     picks = torch.linspace(0, size - 1, count).round().long().tolist()
     mine = picks[trainer.global_rank :: trainer.world_size]
+    # a private generator: iterating a loader draws its base seed from it, which would otherwise shift the global
+    # random stream (and with it the training that follows) at every validation
     return DataLoader(Subset(loader.dataset, mine), batch_size=loader.batch_size or 64, shuffle=False,
-                      collate_fn=loader.collate_fn, num_workers=0)
+                      collate_fn=loader.collate_fn, num_workers=0, generator=torch.Generator().manual_seed(0))
 
 
 def prepare_batch(trainer: pl.Trainer, batch: Any) -> Any:

@@ -178,11 +178,12 @@ class DataDriftMonitor(Callback):
         self._fixed_reference = features.detach().float().cpu()
 
     # ------------------------------------------------------------------------------- features
-    def features_of(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    def features_of(self, trainer: pl.Trainer, pl_module: torch.nn.Module, batch: Any) -> torch.Tensor:
         """The ``(samples, features)`` float32 features of one batch (already on the device) as the monitor
         computes them: without gradients, in the trainer's precision context (the same for reference and current
         samples), leaving every random stream as it was."""
-        device = pl_module.device
+        first = next(pl_module.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
         devices = [device] if device.type != "cpu" else []
         with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"), \
                 torch.no_grad(), trainer.precision_plugin.forward_context():
