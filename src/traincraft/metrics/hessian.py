@@ -1,9 +1,10 @@
-"""Curvature of the loss: Hessian-vector products, top eigenvalue, trace, and the optimizers' stability thresholds.
+"""Curvature of the loss: Hessian-vector products, both ends of the spectrum, trace, and stability thresholds.
 
 Along a direction of curvature h the best learning rate is 1/h and gradient descent diverges above 2/h; the
-largest such h is λ_max, the top eigenvalue of the Hessian H ("sharpness"). H is never formed: every function
-here reaches it through Hessian-vector products (double backward, Pearlmutter 1994), on flat vectors that
-concatenate all parameters. Nothing is copied to the host.
+largest such h is λ_max, the largest *algebraic* eigenvalue of the Hessian H ("sharpness"), which :func:`lanczos`
+finds together with λ_min (power iteration finds the largest magnitude, often a negative eigenvalue off a minimum).
+H is never formed: every function here reaches it through Hessian-vector products (double backward, Pearlmutter
+1994), on flat vectors that concatenate all parameters. Nothing is copied to the host.
 
 Stability thresholds (the value of η·λ at which the iteration on a quadratic stops converging):
 
@@ -209,6 +210,8 @@ def _twice_differentiable(module: nn.Module, args: tuple, kwargs: dict) -> bool:
 
 def power_iteration(operator: Operator, init: Tensor, iterations: int) -> tuple[Tensor, Tensor]:
     """Eigenvalue of largest magnitude of a symmetric operator, and its unit eigenvector.
+
+    Not the sharpness off a minimum: where |λ_min| > λ_max it converges to λ_min. Use :func:`lanczos` for λ_max.
 
     Warm-start with the previous eigenvector: the top eigenvector moves slowly during training, so a few iterations
     from it reach the accuracy that a cold start needs many for. The eigenvalue is the Rayleigh quotient of the
