@@ -521,3 +521,11 @@ def test_an_rnn_layer_gives_its_output_sequence_reduced_over_time():
         monitor = DataDriftMonitor(layer="rnn", reduce=reduce)
         with torch.no_grad():
             torch.testing.assert_close(monitor.features_of(trainer, module, (x, None)), expected(lstm(x)[0]))
+
+
+def test_features_wider_than_the_sample_are_warned_about_on_the_first_batch():
+    monitor = DataDriftMonitor(layer="model.decoder", forward="unpack", reduce="flatten", max_samples=16, mmd="never")
+    trainer = tiny_trainer(max_steps=1, limit_val_batches=0, callbacks=[monitor])
+    with pytest.warns(UserWarning, match=r"the output of layer 'model\.decoder' gives 384 features per sample, more "
+                                         r"than the 16 samples per side\. .* A narrower layer"):
+        trainer.fit(TokenLM(), DataLoader(token_set(ZIPF, 16, 0), batch_size=8))

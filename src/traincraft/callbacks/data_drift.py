@@ -202,11 +202,18 @@ class DataDriftMonitor(Callback):
         modes = [(m, m.training) for m in pl_module.modules()]
         pl_module.eval()
         try:
-            self.features_of(trainer, pl_module, batch)
+            width = self.features_of(trainer, pl_module, batch).shape[1]
         finally:
             for module, mode in modes:
                 module.training = mode
         self._checked = True
+        if width > self.max_samples:
+            rank_zero_warn(
+                f"DataDriftMonitor: {self._extract.describe()} gives {width} features per sample, more than the "
+                f"{self.max_samples} samples per side. KS with a Bonferroni correction over {width} features only "
+                f"sees large shifts, and MMD's kernel distances concentrate. A narrower layer (layer=, e.g. a hidden "
+                f"or embedding layer rather than vocabulary logits) or reduce='mean' keeps the test sensitive."
+            )
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._buffer = None
