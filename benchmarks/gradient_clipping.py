@@ -54,6 +54,8 @@ CONFIGS = {
     "lightning gradient_clip_val, AdamW": ("adamw", 1.0, None),
     "GradientClipping norm, default (auto: sync guard on CPU), AdamW": ("adamw", None, {}),
     "GradientClipping norm, snapshot guard (the GPU default), AdamW": ("adamw", None, {"skip_method": "snapshot"}),
+    "GradientClipping norm, snapshot guard, restore_buffers=False, AdamW": (
+        "adamw", None, {"skip_method": "snapshot", "restore_buffers": False}),
     "lightning gradient_clip_val, AdamW fused": ("adamw_fused", 1.0, None),
     "GradientClipping norm, default (auto: found_inf guard), AdamW fused": ("adamw_fused", None, {}),
 }
@@ -103,6 +105,37 @@ def clip_cost(optimizer: str, kwargs: dict, reps: int) -> dict[str, float]:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def buffer_cost(reps: int) -> dict[str, float]:
+    """CPU time of the buffer guard alone (snapshot at the window start, restore by a device flag at its end: what
+    every stepped batch pays with restore_buffers=True), interleaved with a whole training step for the ratio."""
+    pl.seed_everything(0, verbose=False)
+    clip = GradientClipping(threshold=1.0, skip_method="snapshot")
+    model = ImageClassifier("convnet", num_classes=10, in_channels=1, input_size=16, optimizer=torch.optim.AdamW)
+    trainer = pl.Trainer(accelerator="cpu", max_steps=2, limit_val_batches=0, log_every_n_steps=1000, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[clip])
+    datamodule = DigitsDataModule(image_size=16, batch_size=64)
+    trainer.fit(model, datamodule=datamodule)
+    guard = clip._buffers
+    flag = torch.zeros((), dtype=torch.bool)  # a healthy step: the restore still runs its torch.where
+    images, labels = next(iter(datamodule.train_dataloader()))
+    images = datamodule.on_after_batch_transfer((images, labels), 0)[0]  # float and normalized, as in training
+    opt = trainer.optimizers[0]
+    times: dict[str, list[float]] = {"guard": [], "step": []}
+    for _ in range(reps):
+        start = time.thread_time()
+        guard.snapshot()
+        guard.restore({0: flag})
+        times["guard"].append(time.thread_time() - start)
+        start = time.thread_time()
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
+        times["step"].append(time.thread_time() - start)
+    sizes = [t.numel() for group in guard.groups for t in group.tensors]
+    return {"buffers": len(sizes), "elements": sum(sizes), **{k: statistics.median(v) for k, v in times.items()}}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=9)
@@ -144,6 +177,12 @@ def main(argv: list[str] | None = None) -> None:
         diff = cost["traincraft"] - cost["lightning"]
         print(f"| {name} | {cost['lightning'] * 1e6:.0f} | {cost['traincraft'] * 1e6:.0f} | {diff * 1e6:+.0f} | "
               f"{(cpu[base] + diff) / cpu[base]:.4f} |")
+    guard = buffer_cost(args.reps)
+    print(f"\nbuffer guard alone ({guard['buffers']} buffers, {guard['elements']} elements; snapshot + restore by a "
+          f"device flag, median of {args.reps} calls interleaved with a plain forward/backward/AdamW step):")
+    print("| buffer guard (us) | plain training step (us) | implied step-time ratio |")
+    print("|---:|---:|---:|")
+    print(f"| {guard['guard'] * 1e6:.1f} | {guard['step'] * 1e6:.0f} | {1 + guard['guard'] / guard['step']:.4f} |")
 
 if __name__ == "__main__":
     main()

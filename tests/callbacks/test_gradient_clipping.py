@@ -14,7 +14,7 @@ from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
-from tests.helpers import count_host_syncs, tiny_trainer
+from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
 from traincraft.callbacks.gradient_clipping import GradientClipping
 from traincraft.data import DigitsDataModule
 from traincraft.modules import ImageClassifier
@@ -386,3 +386,231 @@ def test_a_non_finite_step_is_skipped_bit_identically_on_gpu(optimizer):
     for step in (0, 3):
         assert all(torch.equal(a, b) for a, b in zip(snaps.before[step][0], snaps.after[step][0], strict=True))
         _same_state(snaps.before[step][1], snaps.after[step][1])
+
+
+# ---------------------------------------------------------------- several optimizers (a GAN, manual optimization)
+class GAN(LightningModule):
+    """Generator and discriminator, each with a BatchNorm; two optimizers stepped by hand: D first, then G."""
+
+    def __init__(self, method_lr=1e-2):
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.G = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                     torch.nn.Linear(16, 2))
+        self.D = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.BatchNorm1d(16), torch.nn.LeakyReLU(0.2),
+                                     torch.nn.Linear(16, 1))
+        self.lr = method_lr
+
+    def training_step(self, batch, batch_idx):
+        real = batch[0]
+        opt_g, opt_d = self.optimizers()
+        z = torch.randn(len(real), 4, generator=torch.Generator().manual_seed(batch_idx))
+        fake = self.G(z)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        d_loss = 20 * (bce(self.D(real), ones) + bce(self.D(fake.detach()), zeros))
+        opt_d.zero_grad()
+        self.manual_backward(d_loss)
+        opt_d.step()
+        g_loss = 20 * bce(self.D(fake), ones)
+        opt_g.zero_grad()
+        self.manual_backward(g_loss)
+        opt_g.step()
+
+    def configure_optimizers(self):
+        return (torch.optim.Adam(self.G.parameters(), lr=self.lr), torch.optim.Adam(self.D.parameters(), lr=self.lr))
+
+    def train_dataloader(self):
+        data = torch.randn(160, 2, generator=torch.Generator().manual_seed(1)) * 0.5 + 2.0
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data), batch_size=16)
+
+
+class PerOptimizer(Callback):
+    """Each optimizer step's gradients, by optimizer index, where it sits in the callback list."""
+
+    def __init__(self):
+        self.grads = []  # (batch, optimizer index, [grads])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        index = [id(o) for o in trainer.optimizers].index(id(optimizer))
+        grads = [p.grad.detach().clone() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        self.grads.append((trainer.fit_loop.epoch_loop.batch_idx, index, grads))
+
+
+class PoisonBatch(Callback):
+    """Writes NaN into the first input of the given training batches (before the forward pass)."""
+
+    def __init__(self, batches):
+        self.batches = set(batches)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx in self.batches:
+            batch[0][0, 0] = math.nan
+
+
+class Buffers(Callback):
+    """Parameters, buffers and optimizer states at the start and at the end of every batch."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    def _take(self, trainer, pl_module):
+        return ({n: b.clone() for n, b in pl_module.named_buffers()},
+                {n: p.detach().clone() for n, p in pl_module.named_parameters()},
+                [copy.deepcopy(o.state_dict()["state"]) for o in trainer.optimizers])
+
+    def on_train_batch_start(self, trainer, pl_module, *args):
+        self.before.append(self._take(trainer, pl_module))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.after.append(self._take(trainer, pl_module))
+
+
+@pytest.mark.parametrize("method", ["sync", "snapshot"])
+def test_gan_clips_each_optimizer_by_its_own_norm_and_logs_it_per_optimizer(method, tmp_path):
+    raw, post = PerOptimizer(), PerOptimizer()
+    clip = GradientClipping(threshold=1.0, skip_method=method)
+    trainer = tiny_trainer(max_epochs=1, log_every_n_steps=2, logger=CSVLogger(tmp_path, name="gan"),
+                           callbacks=[raw, clip, post])
+    trainer.fit(GAN())
+    assert trainer.global_step == 20  # 10 batches, 2 optimizer steps each
+    assert [(b, i) for b, i, _ in raw.grads] == [(b, i) for b in range(10) for i in (1, 0)]  # D, then G
+    clipped = set()
+    for (_, index, g), (_, _, ours) in zip(raw.grads, post.grads, strict=True):
+        for got, want in zip(ours, _torch_clip(g, 1.0), strict=True):  # the optimizer's own parameters only
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
+        if float(_global(g)) > 1.0:
+            clipped.add(index)
+    assert clipped == {0, 1}  # both were clipped at least once: the comparison is not vacuous
+    rows = [r for r in _metrics(tmp_path) if r.get("grad/norm_pre/opt0")]
+    # an even interval logs every 2nd batch (batches that stepped), not every 2nd optimizer step
+    assert [int(r["step"]) for r in rows] == [1, 3, 5, 7, 9]
+    assert not any(r.get("grad/norm_pre") for r in _metrics(tmp_path))  # no unsuffixed key with two optimizers
+    norms = {(b, i): float(_global(g)) for b, i, g in raw.grads}
+    for row in rows:
+        batch = int(row["step"])
+        for index in (0, 1):
+            pre = norms[batch, index]
+            assert float(row[f"grad/norm_pre/opt{index}"]) == pytest.approx(pre, rel=1e-5)
+            assert float(row[f"grad/norm_post/opt{index}"]) == pytest.approx(min(pre, 1.0), rel=1e-5)
+            assert float(row[f"grad/clip_coef/opt{index}"]) == pytest.approx(min(1.0, 1.0 / pre), rel=1e-4)
+            window = [norms[b, index] > 1.0 for b in (batch - 1, batch)]
+            assert float(row[f"grad/clipped_frac/opt{index}"]) == pytest.approx(sum(window) / 2)
+    state = clip.state_dict()
+    assert state["steps"] == 10 and [o["steps"] for o in state["optimizers"]] == [10]
+
+
+@pytest.mark.parametrize("method", ["sync", "snapshot"])
+def test_gan_nan_batch_skips_the_discriminator_and_keeps_its_batchnorm(method):
+    snaps = Buffers()
+    clip = GradientClipping(threshold=1.0, skip_method=method)
+    trainer = tiny_trainer(max_steps=8, callbacks=[PoisonBatch({2}), clip, snaps])
+    trainer.fit(GAN())
+    (buf0, par0, opt0), (buf1, par1, opt1) = snaps.before[2], snaps.after[2]
+    for name in buf0:  # the discriminator saw the NaN: its statistics and counter are as before the batch
+        if name.startswith("D."):
+            assert torch.equal(buf0[name], buf1[name]), name
+        elif name.endswith("num_batches_tracked"):  # the generator stepped: its statistics moved on
+            assert int(buf1[name]) == int(buf0[name]) + 1
+    assert all(torch.equal(par0[n], par1[n]) for n in par0 if n.startswith("D."))
+    assert not torch.equal(par0["G.0.weight"], par1["G.0.weight"])
+    _same_state(opt0[1], opt1[1])  # Adam's moments and step counts of D untouched
+    state = clip.state_dict()
+    assert int(state["tensors"]["skipped"]) == 0 and int(state["optimizers"][0]["tensors"]["skipped"]) == 1
+    assert all(torch.isfinite(b).all() for b in trainer.lightning_module.buffers())
+
+
+def test_gan_no_host_sync_outside_logging_steps():
+    window = SyncWindow()
+    with count_host_syncs(window.current, window.enabled):
+        tiny_trainer(max_steps=16, log_every_n_steps=4, logger=CSVLogger(".", name="g"),
+                     callbacks=[window, GradientClipping(skip_method="snapshot")]).fit(GAN())
+    by_batch = dict(enumerate(window.counts.values()))
+    assert by_batch[0] == {"item": 2}  # both optimizers create their state at their first step: one read each
+    assert by_batch[3] and by_batch[7]  # logging batches copy (the counter works)
+    quiet = {b: c for b, c in by_batch.items() if b % 4 != 3 and b != 0}
+    assert quiet and all(not c for c in quiet.values()), quiet
+
+
+# ---------------------------------------------------------------- buffers of a skipped step (BatchNorm)
+class BNNet(LightningModule):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                       torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 3))
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+    def train_dataloader(self):
+        g = torch.Generator().manual_seed(0)
+        data = torch.utils.data.TensorDataset(torch.randn(96, 1, 8, 8, generator=g), torch.randint(0, 3, (96,),
+                                                                                                   generator=g))
+        return torch.utils.data.DataLoader(data, batch_size=8)
+
+
+@pytest.mark.parametrize("method, precision, accumulate", [
+    ("sync", "32-true", 1), ("snapshot", "32-true", 1), ("snapshot", "bf16-mixed", 1), ("sync", "32-true", 3),
+    ("snapshot", "32-true", 3),
+])
+def test_a_nan_batch_leaves_batchnorm_statistics_bit_identical(method, precision, accumulate):
+    snaps = Buffers()
+    bad = 2 if accumulate == 1 else 4  # with accumulation: the 2nd micro-batch of the window [3, 4, 5]
+    trainer = tiny_trainer(max_steps=4, precision=precision, accumulate_grad_batches=accumulate,
+                           callbacks=[PoisonBatch({bad}), GradientClipping(skip_method=method), snaps])
+    trainer.fit(BNNet())
+    first = bad - (bad % accumulate)  # the window's first micro-batch
+    last = first + accumulate - 1
+    (buf0, par0, opt0), (buf1, par1, opt1) = snaps.before[first], snaps.after[last]
+    assert buf0.keys() == buf1.keys() and len(buf0) == 3
+    for name in buf0:  # running_mean, running_var, num_batches_tracked: as at the start of the window
+        assert torch.equal(buf0[name], buf1[name]), name
+    assert all(torch.equal(par0[n], par1[n]) for n in par0)
+    _same_state(opt0[0], opt1[0])
+    after = snaps.after[-1][0]  # healthy windows still update them
+    assert int(after["net.1.num_batches_tracked"]) == accumulate * 3
+    assert all(torch.isfinite(b).all() for b in after.values())
+
+
+def test_restore_buffers_false_leaves_the_bad_batch_in_batchnorm():
+    snaps = Buffers()
+    tiny_trainer(max_steps=3, callbacks=[PoisonBatch({1}), GradientClipping(restore_buffers=False), snaps]).fit(
+        BNNet())
+    assert torch.isnan(snaps.after[1][0]["net.1.running_mean"]).all()  # the poisoning the guard prevents
+
+
+class BatchSyncs(Callback):
+    """Host syncs of each training batch (micro-batches apart), from batch start to batch end."""
+
+    def __init__(self):
+        self.counts, self.current, self.enabled = [], {}, [False]
+
+    def on_train_batch_start(self, *args):
+        self.current.clear()
+        self.enabled[0] = True
+
+    def on_train_batch_end(self, *args):
+        self.enabled[0] = False
+        self.counts.append(dict(self.current))
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_buffer_guard_adds_no_host_sync(accumulate):
+    window = BatchSyncs()
+    with count_host_syncs(window.current, window.enabled):
+        tiny_trainer(max_steps=8, max_epochs=3, log_every_n_steps=4, accumulate_grad_batches=accumulate, logger=CSVLogger(
+            ".", name="bn"), callbacks=[window, GradientClipping(skip_method="snapshot")]).fit(BNNet())
+    counts = window.counts
+    assert len(counts) == 8 * accumulate
+    first_step = accumulate - 1
+    assert counts[first_step] == {"item": 1}  # Adam creates its state: documented
+    # logging windows: Lightning logs every micro-batch of a window whose step is a logging step (4th, 8th)
+    logging = {b for b in range(len(counts)) if (b // accumulate + 1) % 4 == 0}
+    assert all(counts[b] for b in logging if b % accumulate == accumulate - 1)  # the counter works
+    quiet = [c for b, c in enumerate(counts) if b not in logging and b != first_step]
+    assert quiet and all(not c for c in quiet), counts

@@ -9,7 +9,7 @@ running statistics (``BufferGuard``), and the reduction that turns per-shard nor
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -128,13 +128,24 @@ class Slot:
                 del optimizer.state[p]
 
 
+class _Group(NamedTuple):
+    """Buffers of one owner, device and dtype, with their flat snapshot and scratch storage."""
+
+    owner: int
+    tensors: list[Tensor]
+    saved: Tensor
+    saved_views: list[Tensor]
+    current: Tensor
+    current_views: list[Tensor]
+
+
 class BufferGuard:
     """Undoes what the forward pass of a skipped step wrote into module buffers (BatchNorm's running mean and
     variance, ``num_batches_tracked``, any persistent buffer).
 
     ``snapshot`` copies the buffers at the start of an accumulation window into preallocated flat storage (one
-    ``torch.cat(out=...)`` per owner, device and dtype); ``restore`` puts them back where the owner's skip flag is
-    set, with one ``torch.where`` per group: no host sync for a flag on the device. Each buffer belongs to the
+    fused ``torch._foreach_copy_`` per owner, device and dtype); ``restore`` puts them back where the owner's skip
+    flag is set, with one ``torch.where`` over each flat group: no host sync for a flag on the device. Each buffer belongs to the
     optimizer that holds the parameters of its nearest module (itself or an ancestor) with optimized parameters,
     so a GAN's skipped discriminator step restores the discriminator's statistics only; a buffer with no single
     such owner is restored when any optimizer skipped. Non-persistent buffers are caches, not state: left alone.
@@ -163,8 +174,7 @@ class BufferGuard:
                         break
                 t = local(buf)
                 groups.setdefault((owner, t.device, t.dtype), []).append(t)
-        self.groups = [(owner, tensors, [t.numel() for t in tensors],
-                        torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device))
+        self.groups = [_Group(owner, tensors, *_flat(tensors, dtype, device), *_flat(tensors, dtype, device))
                        for (owner, device, dtype), tensors in groups.items()]
 
     def __bool__(self) -> bool:
@@ -172,8 +182,8 @@ class BufferGuard:
 
     def snapshot(self) -> None:
         with torch.no_grad():
-            for _, tensors, _, saved in self.groups:
-                torch.cat([t.reshape(-1) for t in tensors], out=saved)
+            for group in self.groups:
+                torch._foreach_copy_(group.saved_views, group.tensors)
 
     def restore(self, flags: dict[int, Flag]) -> None:
         """Put back the buffers of each owner whose flag is set; ``flags`` maps slot index to its batch flag."""
@@ -183,20 +193,23 @@ class BufferGuard:
         device = [f for f in flags.values() if not isinstance(f, bool)]
         shared: Optional[Flag] = True if any(host) else (None if not device else _any(device))
         with torch.no_grad():
-            for owner, tensors, sizes, saved in self.groups:
+            for owner, tensors, saved, saved_views, current, current_views in self.groups:
                 flag = shared if owner == self.SHARED else flags.get(owner)
                 if flag is None or flag is False:
                     continue
                 if flag is True:  # the host knows: copy back only when skipped
-                    torch._foreach_copy_(tensors, _views(saved, sizes, tensors))
+                    torch._foreach_copy_(tensors, saved_views)
                     continue
-                current = torch.cat([t.reshape(-1) for t in tensors])
+                # three fused ops whatever the number of buffers: gather, select by the device flag, scatter back
+                torch._foreach_copy_(current_views, tensors)
                 torch.where(flag.to(current.device), saved, current, out=current)
-                torch._foreach_copy_(tensors, _views(current, sizes, tensors))
+                torch._foreach_copy_(tensors, current_views)
 
 
-def _views(flat: Tensor, sizes: list[int], tensors: list[Tensor]) -> list[Tensor]:
-    return [v.view_as(t) for v, t in zip(flat.split(sizes), tensors, strict=True)]
+def _flat(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """One flat tensor for a group of buffers, and its pieces shaped like them (allocated once)."""
+    flat = torch.empty(sum(t.numel() for t in tensors), dtype=dtype, device=device)
+    return flat, [v.view_as(t) for v, t in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
 
 
 def _any(flags: list[Tensor]) -> Tensor:

@@ -31,6 +31,29 @@ Mode = Literal["norm", "value", "agc", "quantile", "zscore"]
 _SKIP_METHODS = ("auto", "found_inf", "snapshot", "sync")
 
 
+_FLOATS = ("threshold", "norm_type", "agc_clipping", "agc_eps", "quantile", "z_threshold", "ema_decay")
+_INTS = ("history_size", "warmup_steps", "max_consecutive_skips")
+_BOOLS = ("per_layer", "skip_spikes", "restore_buffers", "log_layer_norms", "log_depth_profile")
+
+
+def _check_types(args: dict[str, Any]) -> None:
+    """Wrong types (a YAML string, a bool for a number) named before any comparison fails obscurely."""
+    for name in _FLOATS:
+        value = args[name]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}); write it without "
+                            "quotes, e.g. 1.0 (inf for norm_type is float('inf') or .inf in YAML).")
+    for name in _INTS:
+        value = args[name]
+        if (value is not None or name != "max_consecutive_skips") and (
+                isinstance(value, bool) or not isinstance(value, int)):
+            raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}); "
+                            f"e.g. {name}=10" + (" or None" if name == "max_consecutive_skips" else "") + ".")
+    for name in _BOOLS:
+        if not isinstance(args[name], bool):
+            raise TypeError(f"{name} must be True or False, got {args[name]!r} ({type(args[name]).__name__}).")
+
+
 class GradientClipping(Callback):
     """Clip gradients once per optimizer step, skip steps whose gradient is not finite, and log what happened.
 
@@ -161,10 +184,12 @@ class GradientClipping(Callback):
         log_layer_norms: bool = False,
         log_depth_profile: bool = False,
     ) -> None:
+        _check_types(locals())
         if mode not in ("norm", "value", "agc", "quantile", "zscore"):
             raise ValueError(f"mode={mode!r} is not one of 'norm', 'value', 'agc', 'quantile', 'zscore'.")
         if not (threshold > 0 and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a positive finite number, got {threshold!r}.")
+            raise ValueError(f"threshold must be a positive finite number, got {threshold!r}; e.g. 1.0 for "
+                             "mode='norm' or 0.01 for mode='value'.")
         if not (norm_type == math.inf or norm_type > 0):
             raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}; 2.0 is the usual L2 norm.")
         if per_layer and mode in ("value", "agc"):
@@ -173,18 +198,23 @@ class GradientClipping(Callback):
         if skip_spikes and mode == "agc":
             raise ValueError("skip_spikes=True needs a norm threshold, and mode='agc' has none per step; use "
                              "mode='norm', 'quantile' or 'zscore', or set skip_spikes=False.")
-        if agc_clipping <= 0 or agc_eps < 0:
-            raise ValueError(f"agc_clipping must be > 0 and agc_eps >= 0, got {agc_clipping}, {agc_eps}; "
+        if not (agc_clipping > 0 and agc_eps >= 0 and math.isfinite(agc_clipping) and math.isfinite(agc_eps)):
+            raise ValueError(f"agc_clipping must be > 0 and agc_eps >= 0 (finite), got {agc_clipping}, {agc_eps}; "
                              "Brock et al. use 0.01 and 1e-3.")
+        if isinstance(agc_exclude, str):
+            raise ValueError(f"agc_exclude must be a list of glob patterns, got the string {agc_exclude!r}; write "
+                             f"agc_exclude=[{agc_exclude!r}].")
         if not 0.0 <= quantile <= 1.0:
             raise ValueError(f"quantile must be in [0, 1], got {quantile}; AutoClip uses 0.1.")
         if history_size < 1 or warmup_steps < 0:
-            raise ValueError(f"history_size must be >= 1 and warmup_steps >= 0, got {history_size}, {warmup_steps}.")
-        if not (z_threshold > 0 and 0.0 <= ema_decay < 1.0):
-            raise ValueError(f"need z_threshold > 0 and 0 <= ema_decay < 1, got {z_threshold}, {ema_decay}; "
+            raise ValueError(f"history_size must be >= 1 and warmup_steps >= 0, got {history_size}, {warmup_steps}; "
+                             "AutoClip keeps 1000 norms and ZClip warms up for 25 steps.")
+        if not (z_threshold > 0 and math.isfinite(z_threshold) and 0.0 <= ema_decay < 1.0):
+            raise ValueError(f"need 0 < z_threshold < inf and 0 <= ema_decay < 1, got {z_threshold}, {ema_decay}; "
                              "ZClip uses 2.5 and 0.97.")
         if max_consecutive_skips is not None and max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}.")
+            raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}; None never "
+                             "stops training, 10 is the default.")
         if on_consecutive_skips not in ("raise", "restore"):
             raise ValueError(f"on_consecutive_skips={on_consecutive_skips!r} is not 'raise' or 'restore'.")
         if skip_method not in _SKIP_METHODS:
@@ -508,8 +538,8 @@ class GradientClipping(Callback):
 
     def _owned_buffers(self, pl_module: pl.LightningModule, slot: Slot) -> dict[str, Tensor]:
         """Copies of the persistent buffers a healthy snapshot restores with this optimizer's parameters."""
-        owned = {id(t) for owner, tensors, _, _ in (self._buffers.groups if self._buffers else [])
-                 for t in tensors if owner in (slot.index, BufferGuard.SHARED)}
+        owned = {id(t) for group in (self._buffers.groups if self._buffers else [])
+                 for t in group.tensors if group.owner in (slot.index, BufferGuard.SHARED)}
         if len(self._slots) == 1:
             owned = None  # one optimizer owns every buffer
         return {n: b.detach().clone() for n, b in pl_module.named_buffers()
