@@ -64,11 +64,11 @@ LABELS = {
     "fewer labels than images": (torch.tensor([0, 1, 2]), ValueError, r"labels must have shape \(4,\).*got shape \(3,\)"),
     "a list of labels": ([0, 1, 2, 3], TypeError, r"labels must be a tensor of class indices; got list"),
     "negative label": (torch.tensor([0, -1, 2, 3]), ValueError,
-                       r"labels must lie in \[0, 10\) for num_classes=10; the first training batch has labels in \[-1, 3\]"),
+                       r"labels must lie in \[0, 10\) for num_classes=10; found labels in \[-1, 3\] in this training batch"),
     "label equal to num_classes": (torch.tensor([0, 10, 2, 3]), ValueError,
-                                   r"has labels in \[0, 10\]\. Set num_classes to .*more than 10.*start at 0"),
-    "ignore_index -100": (torch.tensor([-100, 1, 2, 3]), ValueError, r"has labels in \[-100, 3\]"),
-    "huge label": (torch.tensor([0, 1, 2, 2**40]), ValueError, r"has labels in \[0, 1099511627776\]"),
+                                   r"found labels in \[0, 10\] in this training batch\. Set num_classes to .*more than 10.*start at 0"),
+    "ignore_index -100": (torch.tensor([-100, 1, 2, 3]), ValueError, r"found labels in \[-100, 3\]"),
+    "huge label": (torch.tensor([0, 1, 2, 2**40]), ValueError, r"found labels in \[0, 1099511627776\]"),
 }
 
 

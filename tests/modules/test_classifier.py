@@ -183,8 +183,6 @@ def test_no_host_sync_on_non_logging_steps():
     with count_host_syncs(window.current, window.enabled):
         trainer.fit(clf, datamodule=dm)
     assert len(counts) == 8
-    # the first step reads the label range and (AdamW creates its state there) the non-finite flag, once per fit
-    assert counts[1] == {"__int__": 2, "item": 1}, counts[1]
     # global_step counts completed optimizer steps: steps 4 and 8 are the logging steps
-    quiet = {step: c for step, c in counts.items() if step % 4 != 0 and step != 1}
+    quiet = {step: c for step, c in counts.items() if step % 4 != 0}
     assert quiet and all(not c for c in quiet.values()), quiet

@@ -28,6 +28,16 @@ _TOTAL, _SINCE, _STEP, _EPOCH, _BATCH, _BITS, _ALL_BITS, _LO, _HI = range(9)
 _NO_LABEL = 2**62
 
 
+def _zeros_are_fresh(optimizer: Any) -> bool:
+    """Whether all-zero state (step counts included) acts exactly as no state: true for the optimizers that create
+    zeros (Adam, AdamW, Adamax, RAdam, RMSprop, Adadelta) and for SGD without dampening (a zero momentum buffer gives
+    ``0·momentum + grad``, the first step's ``clone(grad)``); not for NAdam (``mu_product`` starts at 1) or ASGD."""
+    optim = torch.optim
+    if type(optimizer) in (optim.Adam, optim.AdamW, optim.Adamax, optim.RAdam, optim.RMSprop, optim.Adadelta):
+        return True
+    return type(optimizer) is optim.SGD and all(g.get("dampening", 0) == 0 for g in optimizer.param_groups)
+
+
 @dataclass(frozen=True)
 class NonFiniteReport:
     """What the device record says, copied to the host once."""
@@ -174,7 +184,15 @@ class NonFiniteGuard:
         # A skipped step must not leave behind state it created (fused SGD even leaves an uninitialized buffer).
         created = [p for p, had in zip(pending["params"], pending["had_state"], strict=True)
                    if not had and optimizer.state.get(p)]
-        if created and bad.item():  # sync point: only the step at which the optimizer creates its state
+        if not created:
+            return
+        if _zeros_are_fresh(optimizer):  # zeroed state is what the optimizer would create: no need to read the flag
+            with torch.no_grad():
+                for p in created:
+                    for t in optimizer.state[p].values():
+                        if isinstance(t, Tensor):
+                            t.masked_fill_(bad.to(t.device) if t.device != bad.device else bad, 0)
+        elif bad.item():  # sync point: only the step at which an optimizer of another kind creates its state
             for p in created:
                 del optimizer.state[p]
 

@@ -56,8 +56,9 @@ class ImageClassifier(pl.LightningModule):
     bit-identical, as if the step's batches had not been drawn. To do this without reading the flag, parameters and
     optimizer state are copied before each step and put back by the flag after it (one copy per step); a
     ``fused=True`` optimizer gets the flag as ``found_inf`` instead (no copy). Buffers are copied at the start of
-    each accumulation window. The first step that creates the optimizer's state reads the flag once (a
-    skipped step must not leave state behind). The first bad step is recorded on the device and read at the next
+    each accumulation window. State that a skipped step created is zeroed, which is what SGD (without dampening),
+    Adam, AdamW, Adamax, RAdam, RMSprop and Adadelta would create; for other optimizers the step that creates the
+    state reads the flag once, to delete it. The first bad step is recorded on the device and read at the next
     logging step and at the end of the fit, where ``on_nonfinite`` decides: ``"raise"`` a ``FloatingPointError``
     naming the step (the fit ends with an error, and any checkpoint holds the finite weights of before that step),
     ``"warn"`` and go on, or ``"skip"`` silently (the count is logged). With the
@@ -68,10 +69,10 @@ class ImageClassifier(pl.LightningModule):
     report (``grad/skipped_steps``, ``max_consecutive_skips``).
 
     **Labels** must be integer class indices of shape ``(batch,)``: float, bool or one-hot labels raise at once
-    (a dtype and shape check, free). Their range is checked on the host on the first training batch (one
-    synchronization), then on the device on every batch: a batch with a label outside ``[0, num_classes)`` is
-    skipped like a non-finite one and the fit stops at the next logging step with a ``ValueError`` naming the
-    step, the labels received and ``num_classes``, whatever ``on_nonfinite`` says. Validation and test labels are
+    (a dtype and shape check, free). Their range is checked on the device on every batch (reading it at once would
+    be a synchronization): labels are clamped so that the loss cannot fail, a batch with a label outside
+    ``[0, num_classes)`` is skipped like a non-finite one, and the next logging step (or the end of the fit) raises a
+    ``ValueError`` naming the step, the labels received and ``num_classes``, whatever ``on_nonfinite`` says. Validation and test labels are
     checked on the device and reported at the end of the epoch.
 
     With ``test_time_augmentation`` (a :class:`~traincraft.augment.tta.MultiCropAveraging`), validation, test and
@@ -158,7 +159,6 @@ class ImageClassifier(pl.LightningModule):
         self.label_smoothing = label_smoothing
         self.on_nonfinite = on_nonfinite
         self._guard = NonFiniteGuard()
-        self._labels_checked = False
         self._batch_labels: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._batch_idx = 0
         self._eval_labels: Optional[torch.Tensor] = None
@@ -239,6 +239,7 @@ class ImageClassifier(pl.LightningModule):
         "per_example_loss": detached losses (batch,)}`` (the second only while :meth:`per_example_loss` matches
         :meth:`compute_loss`: not when a subclass overrides ``compute_loss`` alone)."""
         images, targets = batch[0], batch[1]
+        targets = self._checked_labels(targets, len(images), stage)  # before the forward pass changes BN statistics
         if self.test_time_augmentation is not None and stage != "train":
             # log of the averaged probabilities: cross-entropy of these is the NLL of the average, and top-k holds
             logits = self.test_time_augmentation(self, images).clamp_min(1e-12).log()
@@ -249,7 +250,6 @@ class ImageClassifier(pl.LightningModule):
                 f"the model returned logits of shape {tuple(logits.shape)}; expected (batch, {self.num_classes}). "
                 f"Build the model with num_classes={self.num_classes}."
             )
-        targets = self._checked_labels(targets, len(logits), stage)
         loss, per_example = self._losses(logits, targets)
         on_step = stage == "train"
         # Evaluation losses are averaged over all ranks; the training loss stays per rank (a reduction on every
@@ -300,12 +300,12 @@ class ImageClassifier(pl.LightningModule):
         targets = targets.long()
         high = self.num_classes - 1
         bad = ((targets < 0) | (targets > high)).any()
-        if stage == "train" and not self._labels_checked and targets.numel():
-            self._labels_checked = True
+        if stage == "train" and not self._guard.attached and targets.numel():
+            # called outside a fit (no logging steps to report at): check here
             low_seen, high_seen = torch.aminmax(targets)
-            low_seen, high_seen = int(low_seen), int(high_seen)  # sync point: the fit's first training batch only
+            low_seen, high_seen = int(low_seen), int(high_seen)
             if low_seen < 0 or high_seen > high:
-                raise ValueError(self._label_message(low_seen, high_seen, "the first training batch"))
+                raise ValueError(self._label_message(low_seen, high_seen, "this training batch"))
         if stage == "train":
             self._batch_labels = (bad, targets)
         elif self._eval_labels is not None and targets.numel():
@@ -317,8 +317,8 @@ class ImageClassifier(pl.LightningModule):
 
     def _label_message(self, low: int, high: int, where: str) -> str:
         return (
-            f"labels must lie in [0, {self.num_classes}) for num_classes={self.num_classes}; {where} has labels in "
-            f"[{low}, {high}]. Set num_classes to the data's number of classes (more than {high}), or fix the "
+            f"labels must lie in [0, {self.num_classes}) for num_classes={self.num_classes}; found labels in "
+            f"[{low}, {high}] in {where}. Set num_classes to the data's number of classes (more than {high}), or fix the "
             "labels (class indices start at 0)."
         )
 
@@ -330,7 +330,6 @@ class ImageClassifier(pl.LightningModule):
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         # GradientClipping skips non-finite gradients and restores the buffers itself; fp16's GradScaler only skips
         self._guard.attach(self.trainer.optimizers, self, owns_skip=not (clipping or scaler), buffers=not clipping)
-        self._labels_checked = False
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self._guard.attached:
@@ -360,8 +359,11 @@ class ImageClassifier(pl.LightningModule):
             return
         where = (f"optimizer step {report.step} (epoch {report.epoch}, batch {report.batch}){when}")
         if report.all_bits & LABELS:
-            raise ValueError(self._label_message(report.label_low, report.label_high, f"a training batch before {where}")
-                             + f" The update of {report.since} step(s) was skipped.")
+            raise ValueError(
+                self._label_message(report.label_low, report.label_high, "the training batches so far")
+                + f" {report.since} step(s) with bad labels or non-finite values were skipped since the last check, "
+                f"the first at {where}."
+            )
         what = []
         if report.bits & LOSS:
             what.append(f"the training loss was {report.loss}")
