@@ -277,3 +277,14 @@ def test_a_transformer_is_a_sequence_model_and_its_layer_norms_are_per_embedding
     lm(inputs, target)
     probe.detach()
     assert probe.result()["mean"].shape == (4,)  # ninp features, not the 6 tokens
+
+
+def test_a_compiled_model_is_measured_even_after_graphs_were_compiled_without_the_hooks():
+    """Dynamo reuses a graph traced without hooks (also one of another instance of the same classes) and never
+    calls hooks added later: the monitor keeps its hooks from setup on, makes dynamo guard on them and drops such
+    graphs, so the statistics still equal those a forward pre-hook of the test recorded."""
+    from tests.compat._cells import run
+    from tests.compat.checks import check_covariate_shift
+
+    run("mlp", "compile", [], record=False)  # graphs of the same classes, traced without any hook
+    check_covariate_shift(run("mlp", "compile", ["CovariateShiftMonitor"]))

@@ -74,7 +74,7 @@ GRAPH_BREAKS: dict[str, dict[str, tuple[int, int]]] = {
     "GradientClipping": {"cnn": (0, 0), "transformer": (0, 0), "mlp": (0, 0), "gan": (0, 0)},
     "LearningRateMonitor": {"cnn": (0, 0), "transformer": (0, 0), "mlp": (0, 0), "gan": (0, 0)},
     "CurvatureMonitor": {"cnn": (0, 1), "transformer": (0, 0), "mlp": (0, 1), "gan": (0, 0)},
-    "CovariateShiftMonitor": {"cnn": (0, 0), "transformer": (0, 1), "mlp": (0, 0), "gan": (0, 0)},
+    "CovariateShiftMonitor": {"cnn": (0, 1), "transformer": (0, 3), "mlp": (0, 1), "gan": (0, 4)},
     "DataDriftMonitor": {"cnn": (0, 0), "transformer": (0, 1), "mlp": (0, 0), "gan": (0, 0)},
     "HardExampleMining": {"cnn": (0, 0)},
 }

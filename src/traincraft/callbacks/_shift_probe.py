@@ -52,6 +52,18 @@ def is_default_layer(module: nn.Module) -> bool:
     )
 
 
+def is_compiled(root: nn.Module) -> bool:
+    """True when ``root`` or a submodule is wrapped by ``torch.compile`` (or Lightning compiled its forward).
+
+    Dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a hook added after
+    a graph was compiled is silently never called, so hooks on such models must exist before the first forward.
+    """
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return getattr(root, "_compiler_ctx", None) is not None or any(isinstance(m, OptimizedModule)
+                                                                  for m in root.modules())
+
+
 def select_layers(root: nn.Module, patterns: Optional[Sequence[str]]) -> list[tuple[str, nn.Module]]:
     """Modules of ``root`` matched by a type name (``"ReLU"``) or a glob on their name (``"model.blocks.*.act"``);
     the default set when ``patterns`` is ``None``."""
@@ -91,6 +103,7 @@ class LayerProbe:
         self.relu = isinstance(module, RELU_TYPES)
         self.batchnorm = isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats
         self.handle: Optional[Any] = None
+        self.active = True  # read by the hook: a persistent hook (compiled models) is switched, not removed
         self.reset()
 
     def reset(self) -> None:
@@ -111,7 +124,7 @@ class LayerProbe:
 
     @torch.no_grad()
     def _hook(self, module: nn.Module, args: tuple) -> None:
-        if not args or not isinstance(args[0], torch.Tensor) or args[0].ndim < 2:
+        if not self.active or not args or not isinstance(args[0], torch.Tensor) or args[0].ndim < 2:
             return
         full = args[0].detach()
         x = full[: self.max_rows]

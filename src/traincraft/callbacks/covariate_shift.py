@@ -13,7 +13,13 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from traincraft._steps import completed_step_is_logging, is_logging_step
 from traincraft.callbacks._shift_image import HistogramHistory
-from traincraft.callbacks._shift_probe import FeatureAxis, LayerProbe, is_sequence_model, select_layers
+from traincraft.callbacks._shift_probe import (
+    FeatureAxis,
+    LayerProbe,
+    is_compiled,
+    is_sequence_model,
+    select_layers,
+)
 from traincraft.loggers import log_histogram, log_image
 from traincraft.metrics.moments import gaussian_w2
 
@@ -28,7 +34,13 @@ class CovariateShiftMonitor(Callback):
 
     Hooks are attached only on logging steps (``Trainer(log_every_n_steps=...)``, Lightning's rule: every N-th
     batch that stepped, also for a two-optimizer GAN) and removed right after, so other steps run the plain model.
-    Under gradient accumulation the micro-batches of the logging window are pooled (the batch that steps). At most ``max_rows`` samples of the batch are read; everything is computed on the
+    Under gradient accumulation the micro-batches of the logging window are pooled (the batch that steps). On a
+    ``torch.compile``-d model (detected at ``setup``) the hooks stay registered from ``setup`` on and are switched
+    on and off instead, and dynamo is made to guard on module hooks until ``teardown``
+    (``torch._dynamo.config.skip_nnmodule_hook_guards = False``; graphs compiled earlier in the process are dropped
+    with ``torch.compiler.reset()`` at ``setup``): by default dynamo reuses a graph traced without the hooks, even
+    one of another instance of the same classes, and never calls them. It costs recompilations (a graph with the
+    hooks on and one with them off per compiled module; docs/compatibility.md counts them), no graph break. At most ``max_rows`` samples of the batch are read; everything is computed on the
     device and copied to the host once per log. During validation the first ``eval_batches`` batches are pooled and
     logged once at the end of the validation epoch (never during the sanity check). Scalars go to every logger;
     histograms and an image of histograms over time go to W&B and TensorBoard loggers (``log_histograms``). Under
@@ -127,6 +139,8 @@ class CovariateShiftMonitor(Callback):
         self._logs = 0
         self._history: dict[str, HistogramHistory] = {}
         self._attached_for: Optional[str] = None
+        self._persistent = False
+        self._hook_guards: Optional[bool] = None  # dynamo's setting before this monitor changed it
 
     @property
     def state_key(self) -> str:
@@ -138,19 +152,44 @@ class CovariateShiftMonitor(Callback):
         sequence = is_sequence_model(pl_module)
         self.probes = [LayerProbe(name, module, self.max_rows, self.percentile_samples, self.feature_axis, sequence)
                        for name, module in select_layers(pl_module, self.layers)]
+        # Dynamo does not guard on module hooks by default: a graph traced without them (of this model, or of another
+        # instance of the same classes) is reused and the hooks are never called. On a compiled model the hooks
+        # therefore stay attached from now on, switched on and off (dynamo guards on the switch), dynamo guards on
+        # hooks for the duration of the fit, and graphs cached without those guards are dropped.
+        self._persistent = is_compiled(pl_module)
+        if self._persistent and self._hook_guards is None:
+            import torch._dynamo.config as dynamo_config
+
+            self._hook_guards = dynamo_config.skip_nnmodule_hook_guards
+            dynamo_config.skip_nnmodule_hook_guards = False
+            torch.compiler.reset()
+        for probe in self.probes:
+            probe.active = not self._persistent
+            if self._persistent:
+                probe.attach()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._detach()
+        for probe in self.probes:
+            probe.detach()  # also the persistent hooks of a compiled model
+        if self._hook_guards is not None:
+            import torch._dynamo.config as dynamo_config
+
+            dynamo_config.skip_nnmodule_hook_guards, self._hook_guards = self._hook_guards, None
 
     def _attach(self, stage: str) -> None:
         for probe in self.probes:
             probe.reset()
+            probe.active = True
             probe.attach()
         self._attached_for = stage
 
     def _detach(self) -> None:
         for probe in self.probes:
-            probe.detach()
+            if self._persistent:
+                probe.active = False
+            else:
+                probe.detach()
         self._attached_for = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
