@@ -54,7 +54,11 @@ class CurvatureMonitor(Callback):
     ``probe_batch_size``. The loss is ``pl_module.probe_loss(batch)`` if the module defines it, else
     ``pl_module.compute_loss(pl_module(x), y)`` on ``(x, y)`` (as :class:`~traincraft.modules.ImageClassifier`).
     Results stay on the device (nothing syncs with the host, also on probe steps) and are logged at the first
-    logging step after each probe (averaged over ranks).
+    logging step after each probe (averaged over ranks). Refusals come early: a module without ``probe_loss`` or
+    ``compute_loss``, several optimizers without ``probe_loss``, and sharded (DTensor) parameters at fit start; a
+    model that cannot be differentiated twice at the first probe (after the first stepped batch), with a
+    :class:`~traincraft.metrics.hessian.DoubleBackwardError` that names the module (e.g. one using a custom autograd
+    Function marked ``@once_differentiable``).
 
     ================================ ================================================================
     key                              meaning
