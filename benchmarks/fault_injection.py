@@ -16,6 +16,7 @@ although one had been saved before (``lost``), chains whose final weights equal 
 chains whose resume failed, bytes left behind in TMPDIR and in the checkpoint directory.
 
     .venv/bin/python benchmarks/fault_injection.py [--chains 3] [--kills 4] [--stock-chains 2] [--seed 0]
+    .venv/bin/python benchmarks/fault_injection.py --writer-kills 20     # a forked writer, both plugins, both layouts
     .venv/bin/python benchmarks/fault_injection.py --overhead 13 240     # save/load seconds, both plugins
 """
 
@@ -78,7 +79,8 @@ def kill(process: subprocess.Popen, ckpts: Path, tmpdir: Path, watch_tmpdir: boo
             saves += bool(started or copying or partial)
             if saves >= write:
                 break
-            before = now  # no sleep: a copy from tmpfs onto the run directory lasts a few milliseconds
+            before = now
+            time.sleep(0.0002)  # (misses most of the stock plugin's few-ms copies: --writer-kills busy-polls)
         else:
             time.sleep(0.01)
     if process.poll() is not None:
@@ -135,6 +137,51 @@ def chain(root: Path, plugin: str, layout: str, kills: int, runtime: float, refe
         shutil.rmtree(run, ignore_errors=True)
 
 
+def writer_kills(root: Path, kills: int) -> None:
+    """A forked process saves 16 MB checkpoints in a loop and is SIGKILLed at the first sign of a write (as above)."""
+    from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+    generations = [{"state_dict": {"w": torch.full((4_000_000,), float(g))}, "generation": g} for g in range(3)]
+    print(f"{'plugin':6} {'layout':8} {'kills':>5} {'lost':>4} {'TMPDIR left':>11} {'ckpt dir left':>13}  (left: after "
+          "one more clean save)")
+    for name, plugin in (("safe", SafeCheckpointIO()), ("stock", TorchCheckpointIO())):
+        for layout in ("same-fs", "cross-fs"):
+            run = Path(tempfile.mkdtemp(dir=root))
+            tmpdir = Path(tempfile.mkdtemp(dir=Path("/dev/shm") if layout == "cross-fs" else root))
+            watch_tmpdir = os.stat(tmpdir).st_dev == os.stat(run).st_dev
+            path = run / "last.ckpt"
+            plugin.save_checkpoint(generations[0], path)
+            lost = 0
+            for _ in range(kills):
+                pid = os.fork()
+                if pid == 0:  # the writer runs no torch kernels: an OpenMP pool does not survive fork
+                    try:
+                        tempfile.tempdir = str(tmpdir)
+                        for i in range(1000):
+                            plugin.save_checkpoint(generations[1 + i % 2], path)
+                    finally:
+                        os._exit(0)
+                before = snapshot(run, tmpdir, watch_tmpdir)
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    now = snapshot(run, tmpdir, watch_tmpdir)
+                    if any((n not in before and (n.endswith(".tmp") or n.startswith("TMPDIR/")))
+                           or (n.endswith(".ckpt") and n in before and now[n] != before[n]) for n in now):
+                        break
+                    before = now
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                lost += not loadable(path)
+                if not path.exists() or not loadable(path):
+                    SafeCheckpointIO().save_checkpoint(generations[0], path)  # the next attempt starts from a good file
+            plugin.save_checkpoint(generations[0], path)  # leftovers are measured after one more clean save
+            tmp_left = sum(p.stat().st_size for p in tmpdir.rglob("*") if p.is_file())
+            dir_left = sum(p.stat().st_size for p in run.glob(".*.tmp"))
+            print(f"{name:6} {layout:8} {kills:5d} {lost:4d} {tmp_left / 1e6:9.1f}MB {dir_left / 1e6:11.1f}MB", flush=True)
+            shutil.rmtree(tmpdir, ignore_errors=True)
+            shutil.rmtree(run, ignore_errors=True)
+
+
 def overhead(root: Path, sizes_mb: list[int], repeats: int) -> None:
     """Save and load wall time of both plugins (run directory on ``root``), median of ``repeats``."""
     from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
@@ -167,7 +214,14 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("runs-fault-injection"))
     parser.add_argument("--overhead", type=int, nargs="*", metavar="MB",
                         help="instead: time saves and loads of checkpoints of these sizes with both plugins")
+    parser.add_argument("--writer-kills", type=int, metavar="N",
+                        help="instead: N kills of a forked checkpoint writer per plugin and layout (seconds, not minutes)")
     args = parser.parse_args()
+    if args.writer_kills:
+        args.root.mkdir(exist_ok=True)
+        writer_kills(args.root.resolve(), args.writer_kills)
+        shutil.rmtree(args.root, ignore_errors=True)
+        return
     if args.overhead is not None:
         args.root.mkdir(exist_ok=True)
         overhead(args.root, args.overhead or [13, 240], repeats=5)
