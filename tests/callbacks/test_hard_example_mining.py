@@ -284,3 +284,48 @@ def test_the_documented_yaml_runs_through_the_cli(tmp_path):
     (mining,) = [c for c in cli.trainer.callbacks if isinstance(c, HardExampleMining)]
     assert (mining.decay, mining.cap, mining.uniform_mix) == (0.9, 5.0, 0.2)
     assert 1.0 < float(cli.trainer.callback_metrics["hard_examples/max_ratio"]) <= 5.0
+
+
+class _ManualClassifier(ImageClassifier):
+    """An ImageClassifier trained under manual optimization (two optimizers, as a GAN-style module would have)."""
+
+    def __init__(self, returns=True):
+        super().__init__("mlp", num_classes=10, in_channels=1, input_size=8, model_kwargs={"hidden": [8]})
+        self.automatic_optimization = False
+        self.returns = returns
+
+    def configure_optimizers(self):
+        params = list(self.parameters())
+        return [torch.optim.SGD(params[:2], lr=0.05), torch.optim.SGD(params[2:], lr=0.05)]
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        per_example = F.cross_entropy(self(x), y, reduction="none")
+        for opt in self.optimizers():
+            opt.zero_grad()
+        self.manual_backward(per_example.mean())
+        for opt in self.optimizers():
+            opt.step()
+        return {"per_example_loss": per_example.detach()} if self.returns else None
+
+
+def test_manual_optimization_with_two_optimizers_records_the_returned_losses():
+    seed_everything(0)
+    mining = HardExampleMining()
+    recorder = Recorder(mining)
+    trainer = tiny_trainer(max_steps=8, limit_val_batches=0, log_every_n_steps=2, callbacks=[mining, recorder])
+    trainer.fit(_ManualClassifier(), datamodule=_data())
+    assert trainer.global_step == 8 and len(recorder.epochs[0]["losses"]) == 4  # two optimizer steps per batch
+    indices = torch.cat(recorder.epochs[0]["indices"])
+    losses = torch.cat(recorder.epochs[0]["losses"])
+    assert int(mining.sampler.seen.sum()) == len(indices) == 4 * BATCH
+    torch.testing.assert_close(mining.sampler.loss_ema[indices], losses)  # first losses start the averages
+
+
+def test_manual_optimization_returning_none_is_told_what_to_return():
+    mining = HardExampleMining()
+    # Lightning turns a manual training_step's None into {}: refused on the first batch, never silently uniform
+    with pytest.raises(TypeError, match=r"needs the loss of every example of the training batch, but training_step "
+                                        r"returned a dict with keys \[\]\. Return a dict"):
+        tiny_trainer(max_steps=2, limit_val_batches=0, callbacks=[mining]).fit(
+            _ManualClassifier(returns=False), datamodule=_data())
