@@ -614,3 +614,20 @@ def test_buffer_guard_adds_no_host_sync(accumulate):
     assert all(counts[b] for b in logging if b % accumulate == accumulate - 1)  # the counter works
     quiet = [c for b, c in enumerate(counts) if b not in logging and b != first_step]
     assert quiet and all(not c for c in quiet), counts
+
+
+def test_gan_consecutive_skips_restore_only_that_optimizers_snapshot():
+    class PoisonD(Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if optimizer is trainer.optimizers[1] and trainer.fit_loop.epoch_loop.batch_idx in (4, 5):
+                next(pl_module.D.parameters()).grad.view(-1)[0] = math.nan
+
+    snaps = Buffers()
+    clip = GradientClipping(max_consecutive_skips=2, on_consecutive_skips="restore", skip_method="snapshot")
+    tiny_trainer(max_steps=16, log_every_n_steps=2, callbacks=[PoisonD(), clip, snaps]).fit(GAN())
+    # batch 3 logged healthy: D's snapshot holds D before its step there; batch 5 (logging) restored it
+    healthy, restored = snaps.before[3], snaps.after[5]
+    assert all(torch.equal(healthy[1][n], restored[1][n]) for n in healthy[1] if n.startswith("D."))
+    _same_state(healthy[2][1], restored[2][1])
+    assert not torch.equal(healthy[1]["G.0.weight"], restored[1]["G.0.weight"])  # G trained on, untouched
+    assert not torch.equal(snaps.after[7][1]["D.0.weight"], healthy[1]["D.0.weight"])  # and D trains again
