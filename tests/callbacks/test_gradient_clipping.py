@@ -405,10 +405,10 @@ class GAN(LightningModule):
     def training_step(self, batch, batch_idx):
         real = batch[0]
         opt_g, opt_d = self.optimizers()
-        z = torch.randn(len(real), 4, generator=torch.Generator().manual_seed(batch_idx))
+        z = torch.randn(len(real), 4, generator=torch.Generator().manual_seed(batch_idx)).to(real.device)
         fake = self.G(z)
         bce = torch.nn.functional.binary_cross_entropy_with_logits
-        ones, zeros = torch.ones(len(real), 1), torch.zeros(len(real), 1)
+        ones, zeros = real.new_ones(len(real), 1), real.new_zeros(len(real), 1)
         d_loss = 20 * (bce(self.D(real), ones) + bce(self.D(fake.detach()), zeros))
         opt_d.zero_grad()
         self.manual_backward(d_loss)
@@ -631,3 +631,23 @@ def test_gan_consecutive_skips_restore_only_that_optimizers_snapshot():
     _same_state(healthy[2][1], restored[2][1])
     assert not torch.equal(healthy[1]["G.0.weight"], restored[1]["G.0.weight"])  # G trained on, untouched
     assert not torch.equal(snaps.after[7][1]["D.0.weight"], healthy[1]["D.0.weight"])  # and D trains again
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_nan_batch_keeps_batchnorm_and_the_gan_discriminator_on_gpu(fused):
+    """On a GPU auto picks snapshot (non-fused) or found_inf (fused): buffers are restored by the device flag."""
+    snaps = Buffers()
+    tiny_trainer(max_steps=4, accelerator="gpu", callbacks=[PoisonBatch({2}), GradientClipping(), snaps]).fit(BNNet())
+    (buf0, par0, opt0), (buf1, par1, opt1) = snaps.before[2], snaps.after[2]
+    assert all(torch.equal(buf0[n], buf1[n]) for n in buf0) and all(torch.equal(par0[n], par1[n]) for n in par0)
+    _same_state(opt0[0], opt1[0])
+    gan, snaps = GAN(), Buffers()
+    if fused:
+        gan.configure_optimizers = lambda: (torch.optim.Adam(gan.G.parameters(), lr=1e-2, fused=True),
+                                            torch.optim.Adam(gan.D.parameters(), lr=1e-2, fused=True))
+    tiny_trainer(max_steps=8, accelerator="gpu", callbacks=[PoisonBatch({2}), GradientClipping(), snaps]).fit(gan)
+    (buf0, par0, opt0), (buf1, par1, opt1) = snaps.before[2], snaps.after[2]
+    assert all(torch.equal(buf0[n], buf1[n]) for n in buf0 if n.startswith("D."))
+    assert all(torch.equal(par0[n], par1[n]) for n in par0 if n.startswith("D."))
+    _same_state(opt0[1], opt1[1])

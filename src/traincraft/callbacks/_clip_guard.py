@@ -43,7 +43,9 @@ class Slot:
         self.healthy: Optional[dict[str, Any]] = None
         self.restored_from_current = False
         self.batch_skip: Optional[Flag] = None  # OR of this batch's skip flags; None: no step in this batch
-        self.index_cache: dict[tuple[int, ...], Tensor] = {}
+        self.index_cache: dict[tuple, Tensor] = {}
+        self.weights: list[int] = []  # indices of weight tensors (ndim >= 2), output layer first
+        self.agc_skip: set[int] = set()  # indices AGC leaves alone
 
     def bind(self, optimizer: Any, names: dict[int, str], method: str, scaler: Any, fused: bool, suffix: str,
              groups: Optional[list]) -> None:

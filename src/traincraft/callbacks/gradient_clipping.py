@@ -232,6 +232,7 @@ class GradientClipping(Callback):
         self._loaded: Optional[list[dict[str, Any]]] = None
         self._buffers: Optional[BufferGuard] = None
         self._window_open = False  # an accumulation window's buffer snapshot is taken
+        self._fitting = False  # between on_fit_start and teardown: a loaded state applies at once
 
     @property
     def state_key(self) -> str:
@@ -288,20 +289,22 @@ class GradientClipping(Callback):
             suffix = "" if len(optimizers) == 1 else f"/opt{slot.index}"
             slot.bind(optimizer, names, method, scaler, fused, suffix, groups)
             slot.weights = [i for i, p in enumerate(slot.params) if p.ndim >= 2][::-1]  # output to input
-            slot.agc_skip = self._agc_excluded(slot, list(names.values()))
+            slot.agc_skip = self._agc_excluded(slot)
             slot.since_log = 0
         self._by_optimizer = {id(s.optimizer): s for s in self._slots}
         self._apply_loaded()
         self._buffers = BufferGuard(pl_module, self._slots) if self.restore_buffers else None
         self._window_open = False
+        self._fitting = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         for slot in self._slots:
             slot.unbind()
+        self._fitting = False
 
-    def _agc_excluded(self, slot: Slot, names: list[str]) -> set[int]:
-        if self.agc_exclude is None:  # the module's last layer, when this optimizer holds it
-            last = names[-1:] or [""]
+    def _agc_excluded(self, slot: Slot) -> set[int]:
+        if self.agc_exclude is None:  # this optimizer's last layer: the output layer (of each network of a GAN)
+            last = slot.names[-1:] or [""]
             prefix = last[0].rsplit(".", 1)[0] + "."
             return {i for i, n in enumerate(slot.names) if n.startswith(prefix)}
         return {i for i, n in enumerate(slot.names) if any(fnmatch.fnmatchcase(n, pat) for pat in self.agc_exclude)}
@@ -555,7 +558,7 @@ class GradientClipping(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         entries = [state_dict, *state_dict.get("optimizers", [])]
         self._loaded = [{"steps": int(e["steps"]), "tensors": dict(e["tensors"])} for e in entries]
-        if self._slots:  # restored after on_fit_start (strategies that restore after setup)
+        if self._fitting:  # restored after on_fit_start (strategies that restore after setup)
             self._apply_loaded()
 
     def _apply_loaded(self) -> None:
