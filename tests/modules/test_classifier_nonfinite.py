@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos import Transformer
+from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -25,14 +26,23 @@ ADAMW_FUSED = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
 
 
 class InjectInf(Callback):
-    """Makes one gradient entry infinite at optimizer step ``step`` (after backward, before the module's check)."""
+    """Makes one gradient entry infinite at optimizer step ``step``: before the module's check, or with
+    ``after_backward=True`` right after backward (before an fp16 GradScaler unscales and looks)."""
 
-    def __init__(self, step: int = 5, value: float = float("inf")) -> None:
-        self.step, self.value = step, value
+    def __init__(self, step: int = 5, value: float = float("inf"), after_backward: bool = False) -> None:
+        self.step, self.value, self.after_backward = step, value, after_backward
 
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+    def _inject(self, trainer, pl_module) -> None:
         if trainer.global_step == self.step:
             next(p for p in pl_module.parameters() if p.grad is not None).grad.view(-1)[0] = self.value
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        if self.after_backward:
+            self._inject(trainer, pl_module)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.after_backward:
+            self._inject(trainer, pl_module)
 
 
 class DropStep(Callback):
@@ -177,6 +187,21 @@ def test_with_gradient_clipping_the_callback_skips_and_the_module_copies_nothing
     clf, _, _ = _fit([EditBatch(3, image=float("nan")), clip], SGD_MOMENTUM, steps=12,
                      error=(FloatingPointError, r"optimizer step 3 .*the training loss was nan"))
     assert clip.state_dict()["tensors"]["skipped"] == 1
+    assert all(torch.isfinite(v).all() for v in clf.state_dict().values())
+
+
+def test_under_fp16_the_grad_scaler_skips_overflows_and_the_module_reports_nan_losses():
+    def fp16():  # a GradScaler on the CPU: Lightning makes one only for CUDA
+        return [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))]
+
+    spy = _GuardCopies()
+    clf, trainer, _ = _fit([InjectInf(5, after_backward=True), spy], ADAMW, steps=8, plugins=fp16())
+    # the scaler skips: the module copies no parameters or state, only the buffers (for NaN-loss batches)
+    assert spy.copies == (False, 0, len(list(clf.buffers())))
+    assert trainer.precision_plugin.scaler.get_scale() < 2.0**16  # it did skip the overflow (and lowered its scale)
+    assert all(torch.isfinite(v).all() for v in clf.state_dict().values())
+    clf, _, _ = _fit([EditBatch(3, image=float("nan"))], ADAMW, steps=8, plugins=fp16(),
+                     error=(FloatingPointError, r"optimizer step 3 \(epoch 0, batch 3\).*: the training loss was nan"))
     assert all(torch.isfinite(v).all() for v in clf.state_dict().values())
 
 
