@@ -243,3 +243,16 @@ def test_image_folder_rejects_empty_and_mismatched_class_folders(tmp_path):
         ImageFolderDataModule(str(tmp_path / "nowhere")).setup("fit")
     with pytest.raises(ValueError, match="on_error must be"):
         ImageFolderDataModule(str(tmp_path), on_error="ignore")
+
+
+def test_a_batch_of_unreadable_files_only_is_skipped_by_the_classifier(tmp_path):
+    _image_tree(tmp_path, per_class=2)
+    (tmp_path / "train" / "dog" / "empty.png").write_bytes(b"")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=8, batch_size=1, augment="none", normalize=False,
+                               on_error="skip", drop_last=False)
+    model = ImageClassifier("convnet", num_classes=2, in_channels=3, input_size=8)
+    trainer = tiny_trainer(max_epochs=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match=r"skipping unreadable image: cannot decode image .*dog/empty\.png"):
+        trainer.fit(model, dm)  # the empty batch (shape (0, 3, 8, 8)) is skipped, not fed to the model
+    # Lightning still counts the skipped batch's (gradient-free, so empty) optimizer step
+    assert dm.skipped_files == 1 and trainer.global_step == 5

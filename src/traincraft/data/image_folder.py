@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import warnings
@@ -51,7 +52,7 @@ def _decode_failure(path: str, error: BaseException) -> str:
     if isinstance(error, (Image.DecompressionBombError, Image.DecompressionBombWarning)):
         return (f"{path} is larger than PIL.Image.MAX_IMAGE_PIXELS={Image.MAX_IMAGE_PIXELS} pixels, Pillow's guard "
                 f"against decompression bombs ({error}). If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS in "
-                "the training script (the loader workers inherit it); otherwise delete the file")
+                "the training script (before the loaders start), or set it to None; otherwise delete the file")
     if isinstance(error, FileNotFoundError):
         return f"{path} does not exist (a broken link, or deleted after the folder was scanned)"
     return f"cannot decode image {path}: {type(error).__name__}: {error}. Fix or delete the file"
@@ -115,11 +116,12 @@ class ImageFolderDataset(Dataset):
             return np.asarray(resized.crop((left, top, left + self.size, top + self.size)), dtype=np.uint8)
 
 
-def collate_skipping(batch: list[Any]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Stack the decoded samples; the third element counts the skipped (unreadable) files of the batch."""
+def collate_skipping(batch: list[Any], shape: tuple[int, ...] = (1, 1, 1)) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Stack the decoded samples; the third element counts the skipped (unreadable) files of the batch. A batch of
+    skipped files only is empty, with images of ``shape`` (channels, height, width)."""
     kept = [item for item in batch if item is not None]
     if not kept:
-        return torch.zeros(0, 1, 1, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), len(batch)
+        return torch.zeros(0, *shape, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64), len(batch)
     images = torch.stack([item[0] for item in kept])
     labels = torch.tensor([item[1] for item in kept], dtype=torch.int64)
     return images, labels, len(batch) - len(kept)
@@ -210,7 +212,7 @@ class ImageFolderDataModule(ImageDataModule):
         return {name: ImageFolderDataset(s, self._image_size, self.channels, self.on_error) for name, s in splits.items()}
 
     def collate_fn(self, split: str):
-        return collate_skipping
+        return functools.partial(collate_skipping, shape=(self.channels, self._image_size, self._image_size))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         images, labels, skipped = batch

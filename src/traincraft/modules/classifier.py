@@ -25,6 +25,12 @@ _RNG_KEY = "traincraft_rng_states"
 _POLICIES = ("raise", "warn", "skip")
 
 
+def _is_empty(batch: Any) -> bool:
+    """A batch without images (a shape, known on the host: no sync)."""
+    images = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return isinstance(images, torch.Tensor) and images.ndim > 0 and images.shape[0] == 0
+
+
 class ImageClassifier(pl.LightningModule):
     """Image classification around any model: loss, top-1/top-5 accuracy, optimizers and per-layer rates.
 
@@ -266,9 +272,12 @@ class ImageClassifier(pl.LightningModule):
             return {"loss": loss}
         return {"loss": loss, "per_example_loss": per_example.detach()}
 
-    def training_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+    def training_step(self, batch: Any, batch_idx: int) -> Optional[dict[str, torch.Tensor]]:
         """Returns ``{"loss", "per_example_loss"}``: Lightning optimizes ``loss``; callbacks such as
-        :class:`~traincraft.callbacks.HardExampleMining` read the per-example losses from the outputs."""
+        :class:`~traincraft.callbacks.HardExampleMining` read the per-example losses from the outputs. An empty
+        batch (every file of it skipped as unreadable, ``on_error="skip"``) returns ``None``: Lightning skips it."""
+        if _is_empty(batch):
+            return None
         outputs = self.shared_step(batch, "train")
         if not isinstance(outputs, dict):  # a subclass's shared_step that returns the loss tensor
             outputs = {"loss": outputs}
@@ -404,11 +413,11 @@ class ImageClassifier(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._end_eval_labels("test")
 
-    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.shared_step(batch, "val")
+    def validation_step(self, batch: Any, batch_idx: int) -> Optional[dict[str, torch.Tensor]]:
+        return None if _is_empty(batch) else self.shared_step(batch, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        return self.shared_step(batch, "test")
+    def test_step(self, batch: Any, batch_idx: int) -> Optional[dict[str, torch.Tensor]]:
+        return None if _is_empty(batch) else self.shared_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Class probabilities (softmax) for a batch of images, or of ``(images, labels)``."""
