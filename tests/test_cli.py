@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import wandb
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 
 from tests.helpers import read_wandb_records, wandb_history
 from traincraft.cli import TraincraftCLI, main
@@ -21,6 +22,9 @@ SMALL = [
     "--data.init_args.image_size=8",
     *QUICK,
 ]
+
+
+ONE_SHORT_EPOCH = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1"]
 
 
 def _csv_rows(path: Path) -> list[dict[str, str]]:
@@ -120,7 +124,7 @@ def test_console_script_runs_and_reports_bad_names(tmp_path):
         [str(exe), "fit", "--model.init_args.model=resnet9000", "--trainer.logger=false"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
-    assert bad.returncode == 2
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
     assert "traincraft: error: unknown model 'resnet9000'; registered models are alexnet" in bad.stderr
 
 
@@ -140,12 +144,103 @@ def test_bad_configuration_names_what_is_wrong(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
-def test_a_checkpoint_brings_its_own_model_configuration():
-    """LightningCLI reads the model's hyperparameters from the checkpoint: `test` rebuilds the trained model."""
-    _fit(["--trainer.max_epochs=1"])
-    cli = TraincraftCLI(args=["test", "--ckpt_path=runs/checkpoints/last.ckpt", "--trainer.logger=false",
-                              "--data.init_args.image_size=8", *QUICK])
+def test_a_checkpoint_of_another_model_is_refused_unless_its_model_is_asked_for(capsys):
+    """Lightning's CLI silently rebuilds the checkpoint's model; traincraft refuses unless told to load it."""
+    _fit(ONE_SHORT_EPOCH)  # an MLP
+    base = ["--trainer.logger=false", "--data.init_args.image_size=8", *QUICK]
+    for command, ckpt in (("test", "runs/checkpoints/last.ckpt"), ("fit", "last")):
+        with pytest.raises(SystemExit) as raised:
+            main([command, f"--ckpt_path={ckpt}", *base])
+        assert raised.value.code == 2
+        err = capsys.readouterr().err
+        assert "holds another model: it was saved from ImageClassifier(model='mlp'" in err
+        assert "the configuration builds ImageClassifier(model='convnet'" in err
+        assert "--load_model_from_checkpoint=true" in err and "Traceback" not in err
+    cli = TraincraftCLI(args=["test", "--ckpt_path=runs/checkpoints/last.ckpt", "--load_model_from_checkpoint=true",
+                              "--trainer.limit_test_batches=1", *base])
     assert type(cli.model.model).__name__ == "MLP"
+    assert "test/acc" in cli.trainer.callback_metrics
+
+
+def test_a_checkpoint_of_the_same_model_may_change_training_settings():
+    """Only what shapes the network must match: a resumed run may change label smoothing."""
+    _fit(ONE_SHORT_EPOCH)
+    cli = TraincraftCLI(args=["fit", "--ckpt_path=runs/checkpoints/last.ckpt", "--trainer.max_epochs=2",
+                              *ONE_SHORT_EPOCH[1:], "--model.init_args.label_smoothing=0.2", "--trainer.logger=false", *SMALL])
+    assert cli.model.hparams.label_smoothing == 0.2 and cli.trainer.current_epoch == 2
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("--model.init_args.num_classes=7", "model.init_args.num_classes=7 was set, but the data (DigitsDataModule) "
+                                            "has 10 classes and links it"),
+        ("--model.init_args.in_channels=3", "model.init_args.in_channels=3 was set, but the data (DigitsDataModule) "
+                                            "has 1 input channels"),
+        ("--model.init_args.input_size=16", "model.init_args.input_size=16 was set, but the data (DigitsDataModule) "
+                                            "gives 8 as its model input size"),
+    ],
+)
+def test_a_setting_the_data_links_cannot_be_contradicted(setting, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        main(["fit", setting, "--trainer.logger=false", *SMALL])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and message in err and "Remove the setting (the data decides)" in err
+
+
+def test_a_linked_setting_that_agrees_with_the_data_is_accepted():
+    cli = TraincraftCLI(args=["fit", "--model.init_args.num_classes=10", "--trainer.max_steps=1",
+                              "--trainer.limit_val_batches=1", "--trainer.logger=false", *SMALL])
+    assert cli.model.hparams.num_classes == 10 and cli.trainer.global_step == 1
+
+
+def test_a_checkpoint_model_must_fit_the_data(capsys):
+    _fit(ONE_SHORT_EPOCH)  # 8 px inputs
+    with pytest.raises(SystemExit) as raised:
+        main(["test", "--ckpt_path=runs/checkpoints/last.ckpt", "--load_model_from_checkpoint=true",
+              "--trainer.logger=false", "--data.init_args.image_size=12", *QUICK])
+    err = capsys.readouterr().err
+    assert raised.value.code == 2
+    assert "saved model.init_args.input_size=8, but the data (DigitsDataModule) gives 12" in err
+    assert "Use the data the checkpoint was trained on (model_input_size=8)" in err
+
+
+class ExplodingNet(torch.nn.Module):
+    """A network with a bug: the CLI must keep its traceback."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1, input_size: int = 8) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(in_channels * input_size * input_size, num_classes)
+
+    def forward(self, x):
+        raise RuntimeError("boom in forward")
+
+
+def test_an_internal_error_keeps_its_traceback_and_names_the_debug_switch(capsys, monkeypatch):
+    args = ["fit", "--model.init_args.model=tests.test_cli.ExplodingNet", "--data.init_args.image_size=8",
+            "--trainer.logger=false", "--trainer.max_steps=1", *QUICK]
+    with pytest.raises(SystemExit) as raised:
+        main(args)
+    err = capsys.readouterr().err
+    assert raised.value.code == 1
+    assert "Traceback" in err and "RuntimeError: boom in forward" in err
+    assert "traincraft: internal error: RuntimeError: boom in forward" in err and "--debug" in err
+    with pytest.raises(RuntimeError, match="boom in forward"):
+        main([*args, "--debug"])
+    monkeypatch.setenv("TRAINCRAFT_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom in forward"):
+        main(args)
+
+
+def test_debug_lets_user_errors_propagate_too(monkeypatch):
+    with pytest.raises(ValueError, match="was set, but the data"):
+        main(["fit", "--debug", "--model.init_args.num_classes=7", "--trainer.logger=false", *SMALL])
+    # the console script: --debug is taken out of sys.argv before LightningCLI reads it
+    monkeypatch.setattr(sys, "argv", ["traincraft", "fit", "--trainer.max_epochs=-5", "--debug", "--trainer.logger=false"])
+    with pytest.raises(ValueError, match="the trainer refused its arguments: `max_epochs`") as raised:
+        main()
+    assert isinstance(raised.value.__cause__, MisconfigurationException)  # Lightning's error, chained
+    assert sys.argv == ["traincraft", "fit", "--trainer.max_epochs=-5", "--trainer.logger=false"]
 
 
 def test_the_saved_config_reproduces_the_run():

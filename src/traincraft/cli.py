@@ -20,7 +20,13 @@ import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    ArgsType,
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+    instantiate_class,
+)
 
 from traincraft.checkpoint import CheckpointError, verify_checkpoint
 from traincraft.data import ImageDataModule
@@ -169,7 +175,7 @@ class TraincraftCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         # exit_on_error=False: parse errors reach main() as ArgumentError, printed without jsonargparse's usage dump
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", "exit_on_error": False})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", "exit_on_error": False, "allow_abbrev": False})
         self._checkpoint_hparams_loaded = False
         super().__init__(
             ImageClassifier,
@@ -280,10 +286,33 @@ class TraincraftCLI(LightningCLI):
             if reason is not None:
                 raise _UserError(f"cannot write to {path!r} ({key}): {reason}. Set {fix} to a directory you can write to.")
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            self._explain_trainer_parts(error)
+            raise
+
+    def _explain_trainer_parts(self, error: ValueError) -> None:
+        """jsonargparse reports a logger or callback whose constructor raised as "Not a valid subclass" and drops
+        the constructor's message: build each part alone to recover it."""
+        trainer = self._subcommand_config().get("trainer") or {}
+        for key in ("logger", "callbacks"):
+            parts = trainer.get(key)
+            for index, part in enumerate(parts if isinstance(parts, list) else [parts]):
+                if not hasattr(part, "class_path"):
+                    continue
+                init = {"class_path": part.class_path, "init_args": dict(vars(part.get("init_args") or {}))}
+                try:
+                    instantiate_class((), init)
+                except Exception as cause:  # noqa: BLE001 - any constructor error is the one to report
+                    name = part.class_path.rsplit(".", 1)[-1]
+                    raise _UserError(f"trainer.{key}[{index}] ({name}): {cause}") from error
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         try:
             return super().instantiate_trainer(**kwargs)
-        except MisconfigurationException as error:
+        except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
             raise _UserError(f"the trainer refused its arguments: {error} Fix the trainer option named here.") from error
 
 
@@ -309,7 +338,7 @@ def _user_message(error: BaseException) -> Optional[str]:
         if isinstance(link, argparse.ArgumentError):
             return f"{link}\nSee `traincraft <subcommand> --help` for the accepted options."
     cause = chain[-1]
-    if isinstance(cause, (CheckpointError, MisconfigurationException)):
+    if isinstance(cause, (CheckpointError, MisconfigurationException, ImportError)):  # ImportError: a missing extra
         return str(cause)
     if isinstance(cause, OSError) and not isinstance(cause, ConnectionError):
         if cause.filename is not None and cause.strerror:
@@ -348,8 +377,9 @@ def main(args: Optional[ArgsType] = None) -> None:
         debug, args = _debugging(list(args))
     else:
         debug = _debugging([])[0]
+    previous = os.environ.get("JSONARGPARSE_DEBUG")
     if debug:
-        os.environ["JSONARGPARSE_DEBUG"] = "1"  # jsonargparse's own tracebacks too
+        os.environ["JSONARGPARSE_DEBUG"] = "true"  # jsonargparse's own tracebacks too
     try:
         TraincraftCLI(args=args)
         # Under DDP on gloo an undestroyed process group can abort the process at interpreter shutdown.
@@ -372,6 +402,11 @@ def main(args: Optional[ArgsType] = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(1) from error
+    finally:
+        if previous is None:
+            os.environ.pop("JSONARGPARSE_DEBUG", None)
+        else:
+            os.environ["JSONARGPARSE_DEBUG"] = previous
 
 
 if __name__ == "__main__":

@@ -40,16 +40,15 @@ DEFAULT_INIT_TIMEOUT = 15.0
 
 
 def _with_init_timeout(settings: Any, timeout: float) -> Any:
-    """``settings`` (None, a dict or ``wandb.Settings``) with ``init_timeout`` set, unless it already sets one."""
+    """``settings`` (None, a dict or ``wandb.Settings``) as a dict with ``init_timeout``, unless it sets its own.
+
+    A dict, because ``wandb.init`` writes its arguments into a ``Settings`` object it is given: a retry offline
+    would inherit the failed online attempt's run."""
     import wandb
 
-    if settings is None:
-        return wandb.Settings(init_timeout=timeout)
-    if isinstance(settings, dict):
-        return {"init_timeout": timeout, **settings}
-    if isinstance(settings, wandb.Settings) and "init_timeout" not in settings.model_fields_set:
-        settings.init_timeout = timeout
-    return settings
+    if isinstance(settings, wandb.Settings):
+        settings = {field: getattr(settings, field) for field in settings.model_fields_set}
+    return {"init_timeout": timeout, **(settings or {})}
 
 
 class WandbLogger(_LightningWandbLogger):
