@@ -367,8 +367,9 @@ def main(args: Optional[ArgsType] = None) -> None:
     """Entry point of the ``traincraft`` console script.
 
     User errors (bad options, files, configurations, checkpoints, directories, trainer arguments) print
-    ``traincraft: error: <what was wrong and what to do>`` and exit with status 2; internal errors print their
-    traceback and exit with status 1. ``--debug`` or ``TRAINCRAFT_DEBUG=1``: every exception propagates as is.
+    ``traincraft: error: <what was wrong and what to do>`` and exit with status 2; a fit that diverges
+    (``FloatingPointError`` from traincraft) prints its message and exits with status 1; internal errors print
+    their traceback and exit with status 1. ``--debug`` or ``TRAINCRAFT_DEBUG=1``: every exception propagates as is.
     """
     if args is None:
         debug, rest = _debugging(sys.argv[1:])
@@ -389,6 +390,10 @@ def main(args: Optional[ArgsType] = None) -> None:
     except Exception as error:
         if debug:
             raise
+        if isinstance(error, FloatingPointError) and _raised_in(error, ("traincraft",)):
+            # training diverged (a non-finite step under on_nonfinite='raise'): a result, not a bug or a typo
+            print(f"traincraft: error: FloatingPointError: {error}", file=sys.stderr)
+            raise SystemExit(1) from error
         message = _user_message(error)
         if message is not None:
             print(f"traincraft: error: {message}", file=sys.stderr)
