@@ -175,7 +175,13 @@ class TraincraftCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("auto_configure_optimizers", False)
         # exit_on_error=False: parse errors reach main() as ArgumentError, printed without jsonargparse's usage dump
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "yaml", "exit_on_error": False, "allow_abbrev": False})
+        kwargs.setdefault("parser_kwargs", {
+            "parser_mode": "yaml",
+            "exit_on_error": False,
+            "allow_abbrev": False,  # a misspelled option is an error, not the option it prefixes
+            "description": "traincraft: fit, validate, test or predict with traincraft's recipe (docs/getting-started.md). "
+            "Errors print one line (exit status 2); add --debug or set TRAINCRAFT_DEBUG=1 for tracebacks.",
+        })
         self._checkpoint_hparams_loaded = False
         super().__init__(
             ImageClassifier,
