@@ -266,10 +266,15 @@ class TraincraftCLI(LightningCLI):
         if not ckpt_path or self._checkpoint_hparams_loaded:
             return
         if Path(ckpt_path).is_file():
-            saved = torch.load(ckpt_path, weights_only=True, map_location="cpu", mmap=True).get("hyper_parameters")
-            check_checkpoint_model(str(ckpt_path), saved or {}, dict(self.model.hparams))
-        else:  # "last", "best", ...: the trainer finds the file; check it before its weights are loaded
-            self.model.on_load_checkpoint = _CheckpointModelGuard(self.model)
+            try:  # as Lightning's CLI reads hyperparameters; objects weights_only refuses are left to the trainer
+                saved = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters")
+            except Exception:  # noqa: BLE001 - checked again when the trainer loads it
+                saved = None
+            if saved is not None:
+                check_checkpoint_model(str(ckpt_path), saved, dict(self.model.hparams))
+                return
+        # "last", "best", or a file read above failed: check the checkpoint the trainer loads, before its weights
+        self.model.on_load_checkpoint = _CheckpointModelGuard(self.model)
 
     def _check_directories(self) -> None:
         trainer = self.trainer
