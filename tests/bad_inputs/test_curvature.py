@@ -21,7 +21,7 @@ from traincraft.metrics.hessian import (
 )
 
 CONSTRUCTOR = {
-    "every_n_steps zero": ({"every_n_steps": 0}, r"every_n_steps must be an integer >= 1; got 0\. Pass e\.g\. 1000"),
+    "every_n_steps zero": ({"every_n_steps": 0}, r"every_n_steps must be an integer >= 1; got 0\. Pass e\.g\. 1200"),
     "every_n_steps float": ({"every_n_steps": 2.5}, r"every_n_steps must be an integer >= 1; got 2\.5\. Pass"),
     "every_n_steps bool": ({"every_n_steps": True}, r"every_n_steps must be an integer >= 1; got True\. Pass"),
     "every_n_steps string": ({"every_n_steps": "50"}, r"every_n_steps must be an integer >= 1; got '50'\. Pass"),
