@@ -279,3 +279,24 @@ def test_the_model_input_size_follows_a_crop_in_the_augmentation(tmp_path):
     ])
     assert cli.datamodule.model_input_size == 32 and cli.model.model.input_size == 32
     assert cli.trainer.global_step == 2 and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+
+
+def test_a_shipped_recipe_runs_by_name_from_an_empty_directory(capsys):
+    """`--config NAME` finds the recipe inside the package (the cwd is an empty tmp directory)."""
+    cli = TraincraftCLI(args=["fit", "--config", "digits_alexnet_small", *ONE_SHORT_EPOCH, "--trainer.logger=false",
+                              *QUICK])
+    assert type(cli.model.model).__name__ == "AlexNet" and cli.trainer.global_step == 2
+    main(["recipes"])
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in listed[:3]] == sorted(
+        p.stem for p in (ROOT / "src" / "traincraft" / "recipes").glob("*.yaml")
+    )
+
+
+@pytest.mark.parametrize("name", ["digits_alexnet", "nope.yaml"])
+def test_an_unknown_recipe_name_lists_the_shipped_ones(name, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", f"--config={name}"])
+    assert stop.value.code == 2
+    assert f"--config '{name}' is neither a file nor a shipped recipe; the shipped recipes are digits_alexnet_small" \
+        in capsys.readouterr().err
