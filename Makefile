@@ -33,3 +33,8 @@ test: lint
 
 clean:
 	rm -rf $(VENV) runs lightning_logs wandb .pytest_cache
+
+.PHONY: gpu-check
+# Every GPU check (tests and benchmarks) in one command: runs/gpu_check/gpu_check.{json,md}; without CUDA, one line.
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py

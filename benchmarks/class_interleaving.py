@@ -112,6 +112,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error(f"--epochs must be at least 2 (the loss-curve noise is measured after the first epoch); "
+                     f"got {args.epochs}")
     torch.set_num_threads(1)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     start = time.perf_counter()

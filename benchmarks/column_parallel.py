@@ -83,7 +83,8 @@ def _fit(config: dict, strategy, batch_per_rank: int, steps: int, callbacks: lis
     pl.seed_everything(0)
     clf = ImageClassifier("alexnet_two_column", **config, model_kwargs={"width": width},
                           optimizer=lambda p: torch.optim.SGD(p, lr=1e-3, momentum=0.9))
-    trainer = pl.Trainer(accelerator="cpu", devices=int(os.environ["BENCH_WORLD"]), strategy=strategy,
+    trainer = pl.Trainer(accelerator=os.environ.get("BENCH_ACCELERATOR", "cpu"), devices=int(os.environ["BENCH_WORLD"]),
+                         strategy=strategy,
                          max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=callbacks, use_distributed_sampler=False)
     trainer.fit(clf, train_dataloaders=_loader(config, batch_per_rank * steps, batch_per_rank))
@@ -149,9 +150,13 @@ def main() -> None:
     parser.add_argument("--out", default="runs/column_parallel.json")
     parser.add_argument("--skip", choices=["speed", "bytes"], nargs="*", default=[],
                         help="reuse that part's figures from an earlier run with the same --out")
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: NCCL, one device per process (benchmarks/gpu_check.py)")
     parser.add_argument("--worker", choices=["bytes", "speed"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.steps < 4:
+        parser.error(f"--steps must be at least 4 (the first 2 steps of each fit are dropped); got {args.steps}")
     if args.worker == "bytes":
         return worker_bytes(Path(args.work), args.batches)
     if args.worker == "speed":
@@ -159,12 +164,45 @@ def main() -> None:
 
     work = Path(args.out).with_suffix("")
     work.mkdir(parents=True, exist_ok=True)
+    os.environ["BENCH_ACCELERATOR"] = args.accelerator  # read by the workers
     if "speed" not in args.skip:
         _launch("speed", 2, work, ["--rounds", str(args.rounds), "--steps", str(args.steps)])
     if "bytes" not in args.skip:
         for world in (2, 4):
             _launch("bytes", world, work, ["--batches", *map(str, args.batches)])
 
+    # A part that was skipped reuses an earlier run's figures from the same --out; with none there, that part is
+    # left out of the report (the documented speed-only command must work from a fresh clone).
+    missing = [name for name in ("bytes_2.json", "bytes_4.json", "speed.json") if not (work / name).exists()]
+    for name in missing:
+        print(f"{work / name} not found (skipped part, no earlier run with this --out): left out of the report")
+    rows = [] if {"bytes_2.json", "bytes_4.json"} & set(missing) else _bytes_rows(work, args.batches)
+    summary: dict = {"bytes": rows}
+    if "speed.json" not in missing:
+        speed = json.loads((work / "speed.json").read_text())
+        med = {k: statistics.median(v) for k, v in speed["times"].items()}
+        paired = statistics.median(c / d for c, d in zip(*speed["rounds"].values(), strict=True))
+        summary["speed"] = {"median_step_s": med, "ratio": med["column_parallel"] / med["ddp"],
+                            "paired_round_ratio": paired, "samples": {k: len(v) for k, v in speed["times"].items()},
+                            "wire_bytes": {k: _wire(v) for k, v in speed["bytes"].items()}}
+    Path(args.out).write_text(json.dumps(summary, indent=1))
+
+    if rows:
+        print("| processes | mesh | global batch | column-parallel wire B/rank/step | analytic | accounting error "
+              "| DDP wire B/rank/step (counted) | ratio to DDP |")
+        print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['processes']} | {r['mesh']} | {r['global_batch']} | {r['column_wire_bytes']:,} | "
+              f"{r['analytic_wire_bytes']:,} | {100 * r['accounting_error']:+.3f}% | {r['ddp_wire_bytes']:,} | "
+              f"{r['ratio_to_ddp']:.3f} |")
+    if "speed" in summary:
+        s, med = summary["speed"], summary["speed"]["median_step_s"]
+        print(f"\nsmall AlexNet 32x32, global batch 32, 2 processes: median step column-parallel "
+              f"{1000 * med['column_parallel']:.1f} ms, DDP {1000 * med['ddp']:.1f} ms, ratio {s['ratio']:.3f} "
+              f"({s['samples']['ddp']} steps each); wire bytes/rank/step {s['wire_bytes']}")
+
+
+def _bytes_rows(work: Path, batches: list[int]) -> list[dict]:
     with torch.device("meta"):
         full, column = TwoColumnAlexNet(**FULL), TwoColumnAlexNet(**FULL, columns=[0])
     widths, params, column_params = exchange_widths(full), parameter_count(full), parameter_count(column)
@@ -173,7 +211,7 @@ def main() -> None:
         measured = json.loads((work / f"bytes_{world}.json").read_text())
         ddp_measured = _wire(measured["ddp"])
         ddp_analytic = ddp_bytes(params, world)["wire_bytes"]
-        for batch in args.batches:
+        for batch in batches:
             col = measured["column"][str(batch)]
             analytic = _wire(column_parallel_bytes(widths, batch // (world // 2), column_params=column_params,
                                                    data_parallel_size=world // 2))
@@ -181,27 +219,7 @@ def main() -> None:
                          "column_wire_bytes": _wire(col), "analytic_wire_bytes": analytic,
                          "accounting_error": _wire(col) / analytic - 1, "ddp_wire_bytes": ddp_measured,
                          "ddp_analytic_wire_bytes": ddp_analytic, "ratio_to_ddp": _wire(col) / ddp_measured})
-    speed = json.loads((work / "speed.json").read_text())
-    med = {k: statistics.median(v) for k, v in speed["times"].items()}
-    paired = statistics.median(c / d for c, d in zip(*speed["rounds"].values(), strict=True))
-    summary = {"bytes": rows, "speed": {"median_step_s": med, "ratio": med["column_parallel"] / med["ddp"],
-                                        "paired_round_ratio": paired,
-                                        "samples": {k: len(v) for k, v in speed["times"].items()},
-                                        "wire_bytes": {k: _wire(v) for k, v in speed["bytes"].items()}}}
-    Path(args.out).write_text(json.dumps(summary, indent=1))
-
-    print("| processes | mesh | global batch | column-parallel wire B/rank/step | analytic | accounting error "
-          "| DDP wire B/rank/step (counted) | ratio to DDP |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['processes']} | {r['mesh']} | {r['global_batch']} | {r['column_wire_bytes']:,} | "
-              f"{r['analytic_wire_bytes']:,} | {100 * r['accounting_error']:+.3f}% | {r['ddp_wire_bytes']:,} | "
-              f"{r['ratio_to_ddp']:.3f} |")
-    s = summary["speed"]
-    print(f"\nsmall AlexNet 32x32, global batch 32, 2 processes: median step column-parallel "
-          f"{1000 * med['column_parallel']:.1f} ms, DDP {1000 * med['ddp']:.1f} ms, ratio {s['ratio']:.3f} "
-          f"({s['samples']['ddp']} steps each); wire bytes/rank/step {s['wire_bytes']}")
-
+    return rows
 
 if __name__ == "__main__":
     main()

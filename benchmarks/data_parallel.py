@@ -77,7 +77,7 @@ def worker(args: argparse.Namespace) -> None:
         for name in args.variants:
             clock = Clock()
             trainer = pl.Trainer(
-                accelerator="cpu", devices=2, max_steps=args.steps, logger=False,
+                accelerator=args.accelerator, devices=2, max_steps=args.steps, logger=False,
                 strategy=DataParallelStrategy(noise_scale=False) if name == "traincraft_ddp_accounting" else name,
                 enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                 callbacks=[clock], log_every_n_steps=min(10, args.steps), use_distributed_sampler=False,
@@ -105,6 +105,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--accelerator", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: NCCL, one device per process (benchmarks/gpu_check.py)")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
     parser.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
