@@ -38,3 +38,10 @@ clean:
 # Every GPU check (tests and benchmarks) in one command: runs/gpu_check/gpu_check.{json,md}; without CUDA, one line.
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py
+
+.PHONY: docs
+# The user guide and API reference as a site, warnings as errors: runs/site/index.html (mkdocs.yml; CI: .ci/build_docs.sh).
+docs: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[docs]"
+	$(PY) -m mkdocs build --strict
+	@echo "open runs/site/index.html (or: $(PY) -m mkdocs serve)"
