@@ -44,8 +44,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--config", help="a recipe other than the default")
+    parser.add_argument("--max-epochs", type=int, help="shorter fits (a smoke test; the targets assume the recipe's)")
     args = parser.parse_args()
-    extra = [f"--config={Path(args.config).resolve()}"] if args.config else []
+    # a path is resolved (the demo runs in a temporary directory); anything else is a shipped recipe's name
+    config = str(Path(args.config).resolve()) if args.config and Path(args.config).exists() else args.config
+    extra = [f"--config={config}"] if config else []
+    extra += [f"--trainer.max_epochs={args.max_epochs}"] if args.max_epochs else []
     rows = [run(seed, extra) for seed in args.seeds]
     print("| seed | test accuracy | fit wall (s) | whole process (s) |")
     print("|---:|---:|---:|---:|")

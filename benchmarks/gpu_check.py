@@ -326,7 +326,7 @@ def markdown(rows: list[dict], header: str) -> str:
     for row in rows:
         figures = row.get("figures") or {"": row.get("reason") or row.get("error", "")[:200].replace("\n", " ")}
         for i, (key, value) in enumerate(figures.items()):
-            shown = f"{value:,.4g}" if isinstance(value, float) else str(value)
+            shown = (f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}") if isinstance(value, float) else str(value)
             first = (row["check"], row["status"]) if i == 0 else ("", "")
             timing = f"{row['seconds']:.0f} / {row['budget_s']}" if i == 0 else ""
             lines.append(f"| {first[0]} | {first[1]} | {key} | {shown} | {timing} |")

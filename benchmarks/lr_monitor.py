@@ -54,7 +54,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def probe_cost(repeats: int, probe_size: int = 64) -> dict[str, float]:
+def probe_cost(repeats: int, probe_size: int = 64, reference_iterations: int = 200) -> dict[str, float]:
     model = _model()
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -79,7 +79,8 @@ def probe_cost(repeats: int, probe_size: int = 64) -> dict[str, float]:
     probe_batch = monitor._probe_batch
     loss = model.compute_loss(model(probe_batch[0]), probe_batch[1])
     hvp, grad = hessian_vector_operator(loss, params_of(model))
-    reference, _ = power_iteration(hvp, torch.randn(grad.numel(), generator=torch.Generator().manual_seed(0)), 200)
+    reference, _ = power_iteration(hvp, torch.randn(grad.numel(), generator=torch.Generator().manual_seed(0)),
+                                   reference_iterations)
     warm = monitor.probe(model, opt)["lambda_max"]
     return {"step_ms": 1e3 * statistics.median(steps), "probe_ms": 1e3 * statistics.median(probes),
             "ratio": statistics.median(probes) / statistics.median(steps),
@@ -200,11 +201,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=60)
     parser.add_argument("--fits", type=int, default=5)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--reference-iterations", type=int, default=200,
+                        help="cold power iterations of the reference λ_max the warm start is compared with")
     args = parser.parse_args()
     torch.set_num_threads(1)  # the other cores are busy with other work: one thread gives steadier ratios
-    probe = probe_cost(args.repeats)
-    half = probe_cost(args.repeats, probe_size=32)
-    small = probe_cost(args.repeats, probe_size=16)
+    probe = probe_cost(args.repeats, reference_iterations=args.reference_iterations)
+    half = probe_cost(args.repeats, probe_size=32, reference_iterations=args.reference_iterations)
+    small = probe_cost(args.repeats, probe_size=16, reference_iterations=args.reference_iterations)
     in_fit = probe_cost_in_fit(max(1, args.fits // 2), args.steps, None)
     hooks = extras_cost_hooks(args.repeats)
     fits = extras_cost_fits(args.fits, args.steps)
@@ -226,7 +229,8 @@ def main() -> None:
           f"{fits['ours_ms']:.2f} ms | {100 * fits['overhead']:+.2f}% | ≤ 2% |")
     print(f"| control: Lightning's monitor against itself, the same fits (noise floor) | {fits['lightning_ms']:.2f} ms | "
           f"| {100 * fits['control']:+.2f}% | |")
-    print(f"\nwarm-started λ_max (5 iterations) vs 200 cold iterations: relative error {probe['warm_error']:.2e} "
+    print(f"\nwarm-started λ_max (5 iterations) vs {args.reference_iterations} cold iterations: relative error "
+          f"{probe['warm_error']:.2e} "
           f"(probe batch 64), {half['warm_error']:.2e} (32), {small['warm_error']:.2e} (16)")
 
 
