@@ -51,7 +51,9 @@ def files(tmp_path):
 CASES = {
     # parsing: files, keys, types
     "config file with broken YAML": (["--config=bad.yaml"], r"Problems parsing config.*" + HELP),
-    "config file that does not exist": (["--config=missing.yaml"], r"File does not exist.*missing\.yaml.*" + HELP),
+    "config file that does not exist": (["--config=missing.yaml"],
+                                        r"'missing\.yaml' is neither a file nor a shipped recipe.*digits_convnet.*"
+                                        r"traincraft recipes"),
     "config file that is a list": (["--config=list.yaml"], r"Unexpected config.*" + HELP),
     "misspelled key in a config file": (["--config=typo.yaml"], r"does not accept option 'trainer\.max_epoch'.*" + HELP),
     "misspelled option (no prefix matching)": (["--trainer.max_epoch=3"], r"unrecognized arguments: --trainer\.max_epoch=3.*" + HELP),
