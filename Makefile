@@ -28,7 +28,7 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests examples benchmarks
 
-test: lint
+test: lint browser
 	$(PY) -m pytest -q
 
 clean:
@@ -45,3 +45,20 @@ docs: $(STAMP)
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[docs]"
 	$(PY) -m mkdocs build --strict
 	@echo "open runs/site/index.html (or: $(PY) -m mkdocs serve)"
+
+.PHONY: browser
+# Chromium for the headless-browser test of report.html (tests/report/test_browser.py): Debian's package, installed
+# when missing and possible (root and apt-get, bounded in time); otherwise one line, and that test skips.
+CHROMIUM_NAMES := chromium chromium-browser google-chrome google-chrome-stable
+browser:
+	@if [ -n "$$TRAINCRAFT_CHROMIUM" ] || for n in $(CHROMIUM_NAMES); do command -v $$n; done | grep -q .; then :; \
+	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+		echo "browser: no Chromium and no root apt-get to install it (apt-get install chromium); the browser test skips"; \
+	else \
+		echo "browser: installing Debian's chromium for tests/report/test_browser.py"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		timeout 600 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 \
+		|| { timeout 300 apt-get update -qq >/dev/null 2>&1; \
+		     timeout 600 apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } \
+		|| echo "browser: apt-get install chromium failed; the browser test skips"; \
+	fi
