@@ -295,6 +295,15 @@ def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
+def _module_glob(param: str | None) -> str:
+    """``model.blocks.0.linear.weight`` -> ``blocks.0.linear.*``: ImageClassifier's lr_multipliers globs name
+    parameters of its ``model``."""
+    if param is None:
+        return "blocks.0.*"
+    module = param.rsplit(".", 1)[0]
+    return f"{module.removeprefix('model.')}.*"
+
+
 def vanishing_gradients(run: RunMetrics) -> list[Diagnosis]:
     """Early layers receive gradients orders of magnitude below the late ones (SLIDE 32–34)."""
     norms = {}
@@ -331,7 +340,7 @@ def vanishing_gradients(run: RunMetrics) -> list[Diagnosis]:
         evidence="; ".join(parts) + " over the last half of the run.",
         action=("Use ReLU instead of sigmoid/tanh (`model_kwargs: {activation: relu}`), add normalization "
                 "(`model_kwargs: {norm: batch}`), or give the early layers a larger rate "
-                f"(`lr_multipliers: {{\"{layer.rsplit('.', 1)[0] if layer else 'model.blocks.0'}.*\": 10.0}}`)."),
+                f"(`lr_multipliers: {{\"{_module_glob(layer)}\": 10.0}}` on ImageClassifier)."),
         theory="SLIDE 32–34 (the Jacobian of a deep composition is a product of per-layer Jacobians); "
                "SLIDE 24 (lower layers need larger rates); Glorot & Bengio 2010.",
         steps=(int(source.steps[0]), int(source.steps[-1])) if source is not None else None, keys=tuple(keys),
