@@ -139,3 +139,15 @@ def test_the_gpu_check_without_cuda_says_so_in_one_line_and_exits_0(monkeypatch,
     assert out == ["gpu_check: no CUDA device on this machine; nothing measured (run it where `nvidia-smi` lists a "
                    "GPU)."]
     assert not Path("runs").exists()
+
+
+def test_the_gpu_rows_of_the_benchmarks_page_name_every_check_and_how_to_measure_it():
+    checks = runpy.run_path(str(BENCHMARKS / "gpu_check.py"))["CHECKS"]
+    text = (BENCHMARKS.parent / "docs" / "benchmarks.md").read_text()
+    section = text[text.index("## GPU figures (`make gpu-check`)"):]
+    section = section[: section.find("\n## ", 1) if "\n## " in section[1:] else None]
+    rows = dict(re.findall(r"^\| `([\w-]+)` \|.*\| ([^|]+) \|$", section, re.M))
+    assert sorted(rows) == sorted(checks), f"docs/benchmarks.md's GPU table lists {sorted(rows)}, gpu_check {sorted(checks)}"
+    # a figure is either a measured number or plainly marked, and the page says how to measure them
+    assert all(v.strip() == "not measured" or re.search(r"\d", v) for v in rows.values()), rows
+    assert "make gpu-check" in section and "gpu_check.json" in section
