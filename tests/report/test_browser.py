@@ -34,6 +34,7 @@ import pytest
 
 _CANDIDATES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome")
 _TIMEOUT = 60.0  # seconds for any one protocol reply or page load: generous for a busy 2-core machine
+_MAX_HEIGHT = 20000  # CSS pixels of the full-page screenshot
 
 
 def _chromium() -> str | None:
@@ -134,13 +135,17 @@ class _Browser:
                 loaded_at = time.monotonic()
         page.loaded = loaded_at is not None
         images = self.send("Runtime.evaluate", {
-            "expression": "JSON.stringify(Array.from(document.images, i => "
-                          "({src: i.getAttribute('src') || '', complete: i.complete, width: i.naturalWidth})))",
+            "expression": "JSON.stringify(Array.from(document.images, i => { const r = i.getBoundingClientRect(); "
+                          "return {src: i.getAttribute('src') || '', complete: i.complete, width: i.naturalWidth, "
+                          "box: [r.left + scrollX, r.top + scrollY, r.width, r.height]}; }))",
             "returnByValue": True}, session=session)
         page.images = json.loads(images["result"]["value"])
         page.text = self.send("Runtime.evaluate", {"expression": "document.body ? document.body.innerText : ''",
                                                    "returnByValue": True}, session=session)["result"]["value"]
-        shot = self.send("Page.captureScreenshot", {"format": "png"}, session=session)
+        size = self.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
+        clip = {"x": 0, "y": 0, "width": size["width"], "height": min(size["height"], _MAX_HEIGHT), "scale": 1}
+        shot = self.send("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True, "clip": clip},
+                         session=session)  # the whole page, so every panel is in the picture
         page.screenshot = base64.b64decode(shot["data"])
         self.send("Target.closeTarget", {"targetId": target})
         return page
@@ -207,6 +212,11 @@ class _Page:
         ink = float((np.abs(pixels - np.median(pixels.reshape(-1, pixels.shape[-1]), axis=0)).max(-1) > 16).mean())
         if spread < 2.0 or ink < 0.002:
             found.append(f"blank screenshot: pixel std {spread:.2f}, {ink:.2%} of pixels differ from the background")
+        for image in self.images:  # each picture shows in the screenshot: its box holds more than one colour
+            x, y, w, h = (round(v) for v in image["box"])
+            crop = pixels[max(y, 0):y + h, max(x, 0):x + w]
+            if w < 8 or h < 8 or crop.size == 0 or float(crop.std()) < 2.0:
+                found.append(f"image not shown: {image['src'][:80]} at {x},{y} size {w}x{h}")
         return found
 
 
@@ -232,11 +242,12 @@ def browser():
         chromium.close()
 
 
-def _png_data_uri() -> str:
+def _png_data_uri(blank: bool = False) -> str:
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(3, 2), dpi=80)
-    figure.add_subplot().plot(np.sin(np.linspace(0, 6, 50)))
+    if not blank:
+        figure.add_subplot().plot(np.sin(np.linspace(0, 6, 50)))
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
@@ -269,9 +280,11 @@ def test_a_clean_self_contained_page_passes(browser, tmp_path):
     ("external script", "<script src='http://127.0.0.1:9/plotly.js'></script>", "network request: http://127.0.0"),
     ("broken image", "<img src='data:image/png;base64,AAAA'>", "image not decoded: data:image/png"),
     ("sibling file", "<img src='panels/loss.png'>", "network request: file://"),
+    ("hidden image", "<img style='display:none' src='{blank}'>", "image not shown: data:image/png"),
+    ("blank image", "<img src='{blank}'>", "image not shown: data:image/png"),
 ])
 def test_each_fault_of_a_page_is_named(browser, tmp_path, fault, body, named):
-    _, url = _page(tmp_path, _GOOD.format(uri=_png_data_uri()) + body)
+    _, url = _page(tmp_path, _GOOD.format(uri=_png_data_uri()) + body.format(blank=_png_data_uri(blank=True)))
     problems = browser.open(url).problems()
     assert any(p.startswith(named) for p in problems), (fault, problems)
 
@@ -280,3 +293,59 @@ def test_a_blank_page_fails(browser, tmp_path):
     _, url = _page(tmp_path, "")
     problems = browser.open(url).problems()
     assert [p for p in problems if p.startswith("blank screenshot")], problems
+
+
+@pytest.fixture(scope="module")
+def real_report(tmp_path_factory):
+    """The report of a real (short) fit: CSVLogger and traincraft's monitors on a small convnet over digits."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+
+    from traincraft.callbacks import (
+        CovariateShiftMonitor,
+        CurvatureMonitor,
+        DataDriftMonitor,
+        GradientClipping,
+        LearningRateMonitor,
+    )
+    from traincraft.data import DigitsDataModule
+    from traincraft.modules import ImageClassifier
+    from traincraft.report import build_report
+
+    root = tmp_path_factory.mktemp("real_run")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small model: a second thread on a busy machine only slows it
+    try:
+        pl.seed_everything(0)
+        module = ImageClassifier("convnet", num_classes=10, in_channels=1, input_size=8,
+                                 model_kwargs={"channels": [8, 16], "norm": "batch"})
+        callbacks = [GradientClipping(threshold=1.0, log_layer_norms=True, log_depth_profile=True),
+                     LearningRateMonitor(log_update_ratio=True, log_oscillation=True),
+                     CovariateShiftMonitor(), DataDriftMonitor(), CurvatureMonitor(every_n_steps=6)]
+        trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, limit_train_batches=12,
+                             limit_val_batches=2, log_every_n_steps=2, logger=CSVLogger(root, name="run"),
+                             callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
+        trainer.fit(module, datamodule=DigitsDataModule(image_size=8, batch_size=32))
+    finally:
+        torch.set_num_threads(threads)
+    report = build_report(root / "run", out_dir=root / "report")
+    return report, root / "report" / "report.html"
+
+
+def test_the_real_report_loads_offline_with_every_panel_shown(browser, real_report, tmp_path):
+    report, page_path = real_report
+    page = browser.open(page_path.resolve().as_uri())
+    (tmp_path / "screenshot.png").write_bytes(page.screenshot)  # for a person to look at
+    assert page.problems() == [], f"{page.problems()} (screenshot: {tmp_path / 'screenshot.png'})"
+    names = {panel.name for panel in report.panels}
+    # the monitors above log what these panels draw; each is an <img> on the page, decoded and shown
+    assert {"loss_accuracy", "learning_rate", "gradients", "sharpness", "activations", "drift"} <= names, names
+    assert len(page.images) == len(report.panels)
+    for panel in report.panels:
+        assert panel.title in page.text
+    for line in report.left_out:
+        assert line in page.text
+    for diagnosis in report.diagnoses:
+        assert diagnosis.title in page.text
