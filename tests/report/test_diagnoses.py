@@ -64,6 +64,25 @@ def test_stability_silent_below_the_margin_or_on_one_early_probe():
     assert dx.lr_above_stability(run_of(train__loss_step=flat_loss())) == []
 
 
+def test_stability_fires_on_one_unstable_probe_when_the_loss_never_falls_after_it():
+    steps = np.arange(6) * 20
+    probes = dict(curvature__stability_ratio=(steps, np.array([11.0, 0.3, 0.2, 0.2, 0.2, 0.2])),
+                  curvature__lambda_max=(steps, np.array([7.0, 0.2, 0.15, 0.16, 0.14, 0.15])))
+    d = only(dx.lr_above_stability, run_of(**probes, train__loss_step=(np.arange(120), flat_loss(120))))
+    assert d.steps == (0, 0) and "fell only" in d.evidence
+    # the catapult: one unstable probe, then the loss falls
+    assert dx.lr_above_stability(run_of(**probes, train__loss_step=(np.arange(120), falling_loss(120)))) == []
+
+
+def test_stability_counts_a_probe_once_however_often_it_is_logged():
+    # probes at 0 and 60, each value logged again at every step until the next probe: 1 of 2 probes above
+    lam = np.repeat([5.0, 0.4], 60)
+    ratio = np.repeat([4.0, 0.3], 60)
+    run = run_of(curvature__stability_ratio=(np.arange(120), ratio), curvature__lambda_max=(np.arange(120), lam),
+                 train__loss_step=(np.arange(120), falling_loss(120)))
+    assert dx.lr_above_stability(run) == []
+
+
 # --- oscillation ------------------------------------------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "SPIKE_FACTOR",
     "STABILITY_MARGIN",
     "STRAGGLER_SPREAD",
+    "STUCK_LOSS",
     "VANISHING_RATIO",
     "diagnose",
 ]
@@ -50,6 +51,8 @@ __all__ = [
 #: ``curvature/stability_ratio`` (η·λ_max over the optimizer's threshold, 2 for SGD) above which a probe counts as
 #: unstable. 1 is the edge of stability, where training hovers (Cohen et al. 2021); 1.5 is clearly past it.
 STABILITY_MARGIN = 1.5
+#: Relative fall of the training loss after an unstable probe below which training made no progress.
+STUCK_LOSS = 0.1
 #: EMA of cos(Δθₜ, Δθₜ₋₁) below which a group's weights go back and forth (SLIDE 23: "oscillates").
 OSCILLATION_COSINE = -0.3
 #: Consecutive logs the oscillation must last (the EMA already averages ~10 steps).
@@ -132,6 +135,34 @@ def _loss_fall(run: RunMetrics, first: int | None = None, last: int | None = Non
     return (begin - end) / max(abs(begin), 1e-12)
 
 
+def _probes(run: RunMetrics, key: str) -> Series | None:
+    """One entry per curvature probe. The monitor logs its last values again at every logging step until the next
+    probe, so a probe is a step where ``curvature/lambda_max`` (a continuous value) changed; without it, every
+    entry counts."""
+    series = _finite(run, key)
+    if series is None:
+        return None
+    lam = _finite(run, "curvature/lambda_max")
+    if lam is None:
+        return series
+    changed = np.ones(len(lam), bool)
+    changed[1:] = lam.values[1:] != lam.values[:-1]
+    keep = np.isin(series.steps, lam.steps[changed])
+    return Series(key, series.steps[keep], series.values[keep])
+
+
+def _progress(run: RunMetrics, since: int) -> float | None:
+    """Relative fall of the training loss from its first logs at or after ``since`` to the end of the run."""
+    loss = _train_loss(run)
+    if loss is None:
+        return None
+    values = loss.values[loss.steps >= since]
+    if len(values) < 6:
+        return None
+    begin, end = float(np.median(values[:3])), float(np.median(values[-max(1, len(values) // 5):]))
+    return (begin - end) / max(abs(begin), 1e-12)
+
+
 def _group(key: str, suffix: str) -> str:
     return key[: -len(suffix)]
 
@@ -141,14 +172,20 @@ def _layer(key: str, stat: str) -> str:
 
 
 def lr_above_stability(run: RunMetrics) -> list[Diagnosis]:
-    """η·λ_max above the optimizer's stability threshold (2 for SGD) on most probes (Cohen et al. 2021)."""
-    ratio = _finite(run, "curvature/stability_ratio")
+    """η·λ_max above the optimizer's stability threshold (2 for SGD): sustained, or with no progress after it."""
+    ratio = _probes(run, "curvature/stability_ratio")
     if ratio is None:
         return []
     above = ratio.values > STABILITY_MARGIN
-    # Most probes, and more than the very first one: a single unstable probe at initialization is the catapult
-    # phase, which training leaves by itself (Lewkowycz et al. 2020).
-    if above.sum() < max(1, math.ceil(len(ratio) / 2)) or (len(ratio) > 1 and above.sum() < 2):
+    if not above.any():
+        return []
+    # Sustained: most probes, and more than one. A single unstable probe at initialization is the catapult phase,
+    # which training leaves by itself for a flatter region (Lewkowycz et al. 2020) -- unless the loss then never
+    # falls below where it started, as when the step has wrecked the network.
+    sustained = above.sum() >= max(2, math.ceil(len(ratio) / 2))
+    progress = _progress(run, int(ratio.steps[above][0]))
+    stuck = progress is not None and progress < STUCK_LOSS
+    if not (sustained or stuck):
         return []
     eta_lambda, threshold = _finite(run, "curvature/eta_lambda"), _finite(run, "curvature/threshold")
     thr = float(threshold.values[-1]) if threshold is not None else 2.0
@@ -158,9 +195,11 @@ def lr_above_stability(run: RunMetrics) -> list[Diagnosis]:
     factor = 1.0 / float(np.median(ratio.values[above]))
     return [Diagnosis(
         rule="lr_above_stability", title="Learning rate above the stability threshold", severity="problem",
-        confidence=min(1.0, 0.6 + 0.4 * float(above.mean())),
+        confidence=min(1.0, 0.6 + 0.4 * float(above.mean()) + (0.2 if stuck else 0.0)),
         evidence=(f"{int(above.sum())} of {len(ratio)} curvature probes have η·λ_max/threshold > {STABILITY_MARGIN} "
-                  f"({shown} against the threshold {thr:.3g}) at steps {int(steps[0])}–{int(steps[-1])}."),
+                  f"({shown} against the threshold {thr:.3g}) at steps {int(steps[0])}–{int(steps[-1])}"
+                  + (f"; the training loss then fell only {max(progress, 0.0):.1%} (< {STUCK_LOSS:.0%})."
+                     if stuck else ".")),
         action=(f"Lower the learning rate about {1 / factor:.2g}× (to η ≈ 1/λ_max, below 2/λ_max for SGD), or add "
                 "`LearningRateGovernor(sharpness_threshold=0.9)` to the callbacks to lower it when the probe says so."),
         theory="Cohen et al. 2021 (edge of stability: GD is stable along the sharpest direction only while "
@@ -451,10 +490,14 @@ def straggler(run: RunMetrics) -> list[Diagnosis]:
 
 def saddle(run: RunMetrics) -> list[Diagnosis]:
     """Strong negative curvature on a loss plateau: the run sits near a saddle point."""
-    flag = _finite(run, "curvature/saddle")
+    flag = _probes(run, "curvature/saddle")
     if flag is None:
         return []
     at = flag.steps[flag.values >= 0.5]
+    ratio = _finite(run, "curvature/stability_ratio")
+    if ratio is not None:  # an unstable step explains a plateau better than a saddle does: that rule reports it
+        stable = {int(s) for s, v in zip(ratio.steps, ratio.values, strict=True) if v <= 1.0}
+        at = np.array([s for s in at if int(s) in stable], np.int64)
     if len(at) < 2:
         return []
     fall = _loss_fall(run, int(at[0]), int(at[-1]))
