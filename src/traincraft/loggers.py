@@ -211,3 +211,64 @@ def log_histogram(trainer: Any, key: str, values: Any, step: Optional[int] = Non
             logger.experiment.add_histogram(key, array, global_step=step, bins=bins)
             sent.append("tensorboard")
     return sent
+
+
+# ------------------------------------------------------------------------------------------- health report
+# HealthReport reads the run back from what a logger wrote: a CSV file, TensorBoard events or the W&B run file.
+
+#: Kinds of metric source a health report can read, in order of preference (the CSV file is complete and cheap).
+REPORT_SOURCES = ("csv", "tensorboard", "wandb")
+
+
+def report_source_kind(logger: Any) -> Optional[str]:
+    """Which kind of metric source (``"csv"``, ``"tensorboard"``, ``"wandb"``) ``logger`` writes; ``None``: none
+    that a health report can read. Starts nothing (no W&B run)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    if isinstance(logger, CSVLogger):
+        return "csv"
+    if isinstance(logger, TensorBoardLogger):
+        return "tensorboard"
+    if isinstance(logger, _LightningWandbLogger):
+        return "wandb"
+    return None
+
+
+def report_source(logger: Any) -> Path:
+    """The metrics that ``logger`` wrote, flushed to disk: the CSV file, the TensorBoard event folder or the W&B
+    run directory (``.../wandb/offline-run-*``). Call on rank zero, when the report is built."""
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    kind = report_source_kind(logger)
+    if kind == "csv":
+        logger.save()  # the CSV logger buffers rows until save()
+        return Path(logger.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+    if kind == "tensorboard":
+        logger.experiment.flush()
+        return Path(logger.log_dir)
+    if kind == "wandb":
+        # W&B's service process appends to the run file as records arrive; there is no public flush.
+        return Path(logger.experiment.dir).parent
+    raise ValueError(f"{type(logger).__name__} writes no metrics a health report can read (CSV, TensorBoard or W&B)")
+
+
+def log_report(trainer: Any, html_path: Path, name: str = "health-report", max_inline_bytes: int = 8_000_000) -> list[str]:
+    """Send a written health report to every W&B logger of ``trainer``: its folder (``report.html``, the PNG
+    panels, ``diagnoses.json``) as an artifact of type ``health-report``, and the page itself as ``wandb.Html``
+    under the key ``health/report`` when it is under ``max_inline_bytes``. Returns the loggers that received it."""
+    sent = []
+    for logger in trainer.loggers:
+        if not isinstance(logger, _LightningWandbLogger):
+            continue
+        import wandb
+
+        run = logger.experiment
+        artifact = wandb.Artifact(name=f"{name}-{run.id}", type="health-report",
+                                  description="traincraft health report: report.html, panels/*.png, diagnoses.json")
+        artifact.add_dir(str(Path(html_path).parent))
+        run.log_artifact(artifact)
+        if Path(html_path).stat().st_size <= max_inline_bytes:
+            run.log({"health/report": wandb.Html(Path(html_path).read_text(), inject=False),
+                     "trainer/global_step": trainer.global_step})
+        sent.append("wandb")
+    return sent

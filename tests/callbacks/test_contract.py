@@ -33,8 +33,9 @@ def _fit(callback, logger, ckpt_path=None, max_steps=6):
 @pytest.mark.parametrize("cls", CALLBACKS, ids=lambda c: c.__name__)
 def test_callback_contract(cls, tmp_path):
     callback = cls()
-    # Lightning's LearningRateMonitor (and so its drop-in superset) refuses to run without a logger, by design.
-    needs_logger = issubclass(cls, LightningLearningRateMonitor)
+    # Lightning's LearningRateMonitor (and so its drop-in superset) refuses to run without a logger, by design;
+    # HealthReport reads the run back from its logger and refuses likewise.
+    needs_logger = issubclass(cls, (LightningLearningRateMonitor, callbacks.HealthReport))
     _fit(callback, logger=CSVLogger(str(tmp_path), name="first") if needs_logger else False)
     trainer = _fit(callback, logger=CSVLogger(str(tmp_path), name="contract"))  # the same instance fits again
     path = tmp_path / "c.ckpt"
