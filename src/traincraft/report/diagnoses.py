@@ -478,7 +478,7 @@ def straggler(run: RunMetrics) -> list[Diagnosis]:
         confidence=min(1.0, 0.6 + 0.2 * (median - STRAGGLER_SPREAD)),
         evidence=(f"ddp/step_time_spread (slowest / median rank busy time) median {median:.2f} over "
                   f"{len(spread)} logs, steps {int(spread.steps[0])}–{int(spread.steps[-1])}, above "
-                  f"{STRAGGLER_SPREAD}{extra}: the others wait {median - 1:.0%} of a step at every all-reduce."),
+                  f"{STRAGGLER_SPREAD}{extra}: every all-reduce waits for the slowest rank."),
         action=("Find the slow rank (a busier host, slower device, or a data loader starved of workers: raise "
                 "`num_workers`); give ranks equal batch sizes; DataParallelStrategy(compression=\"fp16\") shortens "
                 "only communication, not a slow rank."),
