@@ -34,6 +34,21 @@ from traincraft.checkpoint import CheckpointError, verify_checkpoint
 from traincraft.data import ImageDataModule
 from traincraft.modules import ImageClassifier
 
+#: The monitors and the guard that the default recipe and the shipped recipes turn on: what traincraft adds to a
+#: fit. Their signals reach every logger (W&B also gets histograms and image grids) and, at the end of the fit,
+#: the health report (docs/health-report.md). docs/benchmarks.md measures their cost on the default recipe.
+MONITORS: list[dict[str, Any]] = [
+    # a guard against cliffs: clips rare spikes, skips non-finite steps; per-layer norms give the depth profile
+    {"class_path": "traincraft.callbacks.GradientClipping",
+     "init_args": {"mode": "norm", "threshold": 5.0, "log_layer_norms": True, "log_depth_profile": True}},
+    {"class_path": "traincraft.callbacks.LearningRateMonitor",
+     "init_args": {"logging_interval": "step", "log_update_ratio": True, "log_oscillation": True}},
+    {"class_path": "traincraft.callbacks.CovariateShiftMonitor"},
+    {"class_path": "traincraft.callbacks.DataDriftMonitor"},
+    {"class_path": "traincraft.callbacks.AugmentationGallery"},
+    {"class_path": "traincraft.callbacks.HealthReport"},
+]
+
 #: The default recipe of ``traincraft fit``: a ConvNet on the scikit-learn digits (no download).
 DEFAULTS: dict[str, Any] = {
     "model": {
@@ -50,6 +65,7 @@ DEFAULTS: dict[str, Any] = {
     "trainer.default_root_dir": "runs",
     "trainer.log_every_n_steps": 10,
     "trainer.plugins": [{"class_path": "traincraft.checkpoint.SafeCheckpointIO"}],  # crash-safe, verified
+    "trainer.callbacks": MONITORS,
     "trainer.logger": [
         {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": "runs", "name": "csv"}},
         {"class_path": "traincraft.loggers.WandbLogger", "init_args": {"save_dir": "runs", "project": "traincraft"}},
@@ -152,6 +168,62 @@ def print_recipes() -> None:
           "writes it out to edit.")
 
 
+# ----------------------------------------------------------------------------------------------- health report
+_SEVERITY_RANK = {"info": 0, "warning": 1, "problem": 2}
+
+
+def report_main(argv: list[str]) -> int:
+    """``traincraft report RUN [--out DIR] [--fail-on {problem,warning}]``: write the health report of a run.
+
+    ``RUN`` is a run directory, a ``metrics.csv``, a TensorBoard event folder or file, or a W&B run directory.
+    Prints the page's path and one line per diagnosis; returns the exit status: 0, 1 when ``--fail-on`` finds a
+    diagnosis of that severity or worse, 2 for a ``RUN`` that cannot be read (one line saying why).
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="traincraft report",
+        description="Write the training health report of a run (report.html, panels/*.png, diagnoses.json) and "
+        "print its diagnoses. docs/health-report.md explains the panels and the rules.",
+    )
+    parser.add_argument("run", metavar="RUN", help="a run directory, a metrics.csv, a TensorBoard event folder or "
+                        "file, or a W&B run directory (wandb/offline-run-*)")
+    parser.add_argument("--out", metavar="DIR", help="folder to write to (default: RUN/health_report, or next to a "
+                        "file RUN)")
+    parser.add_argument("--fail-on", choices=("problem", "warning"), help="exit with status 1 when a diagnosis of "
+                        "this severity or worse is found (to gate CI on a run's health)")
+    args = parser.parse_args(argv)
+    run = Path(args.run).expanduser()
+    if not run.exists():
+        print(f"traincraft report: error: {args.run!r} does not exist. Pass a run directory, a metrics.csv, a "
+              "TensorBoard event folder or a W&B run directory.", file=sys.stderr)
+        return 2
+    out = Path(args.out) if args.out else (run if run.is_dir() else run.parent) / "health_report"
+    reason = _unwritable(str(out))
+    if reason is not None:
+        print(f"traincraft report: error: cannot write the report to {str(out)!r}: {reason}. Pass --out DIR with a "
+              "folder you can write to.", file=sys.stderr)
+        return 2
+    from traincraft.report import build_report  # matplotlib loads only for this subcommand
+
+    try:
+        report = build_report(run)
+    except (ValueError, OSError) as error:  # nothing readable there, or an unreadable file: the reader says which
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"traincraft report: error: cannot read a run from {str(run)!r}: {message}", file=sys.stderr)
+        return 2
+    html = report.write(out)
+    print(f"health report: {html}")
+    print(report.summary())
+    if args.fail_on is not None:
+        bad = [d for d in report.diagnoses if _SEVERITY_RANK[d.severity] >= _SEVERITY_RANK[args.fail_on]]
+        if bad:
+            print(f"traincraft report: {len(bad)} diagnosis(es) of severity '{args.fail_on}' or worse "
+                  f"(--fail-on {args.fail_on})", file=sys.stderr)
+            return 1
+    return 0
+
+
 class _SaveAndLogConfig(SaveConfigCallback):
     """Writes ``config.yaml`` to the run directory and sends the whole configuration to every logger."""
 
@@ -250,6 +322,8 @@ class TraincraftCLI(LightningCLI):
             "allow_abbrev": False,  # a misspelled option is an error, not the option it prefixes
             "description": "traincraft: fit, validate, test or predict with traincraft's recipe (docs/getting-started.md). "
             "--config takes a YAML file or a shipped recipe's name (`traincraft recipes` lists them). "
+            "`traincraft report RUN` writes the health report of a run and prints its diagnoses "
+            "(`traincraft report --help`). "
             "Errors print one line (exit status 2); add --debug or set TRAINCRAFT_DEBUG=1 for tracebacks.",
         })
         self._checkpoint_hparams_loaded = False
@@ -395,10 +469,30 @@ class TraincraftCLI(LightningCLI):
                     raise _UserError(f"trainer.{key}[{index}] ({name}): {cause}") from error
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        self._drop_logger_only_callbacks()
         try:
             return super().instantiate_trainer(**kwargs)
         except (MisconfigurationException, ValueError, TypeError, ImportError) as error:
             raise _UserError(f"the trainer refused its arguments: {error} Fix the trainer option named here.") from error
+
+
+    def _drop_logger_only_callbacks(self) -> None:
+        """With ``--trainer.logger=false`` the callbacks whose only output is a logger (LearningRateMonitor,
+        HealthReport) have nowhere to write and would refuse the fit: they are left out, with one line saying so."""
+        from lightning.pytorch.callbacks import LearningRateMonitor
+
+        from traincraft.callbacks import HealthReport
+
+        trainer = self._get(self.config_init, "trainer", default={}) or {}
+        callbacks = trainer.get("callbacks")
+        if trainer.get("logger") not in (False, []) or not isinstance(callbacks, list):
+            return
+        dropped = [c for c in callbacks if isinstance(c, (LearningRateMonitor, HealthReport))]
+        if dropped:
+            trainer["callbacks"] = [c for c in callbacks if c not in dropped]
+            names = ", ".join(sorted({type(c).__name__ for c in dropped}))
+            print(f"traincraft: trainer.logger=false: {names} left out (they write only to a logger; remove "
+                  "--trainer.logger=false to get them)", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------- errors
@@ -463,8 +557,14 @@ def main(args: Optional[ArgsType] = None) -> None:
         debug, args = _debugging(list(args))
     else:
         debug = _debugging([])[0]
-    if (sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None) == ["recipes"]:
+    given = sys.argv[1:] if args is None else list(args) if isinstance(args, (list, tuple)) else None
+    if given == ["recipes"]:
         print_recipes()
+        return
+    if given and given[0] == "report":
+        status = report_main([str(arg) for arg in given[1:]])
+        if status:
+            raise SystemExit(status)
         return
     previous = os.environ.get("JSONARGPARSE_DEBUG")
     if debug:
@@ -481,6 +581,11 @@ def main(args: Optional[ArgsType] = None) -> None:
         if isinstance(error, FloatingPointError) and _raised_in(error, ("traincraft",)):
             # training diverged (a non-finite step under on_nonfinite='raise'): a result, not a bug or a typo
             print(f"traincraft: error: FloatingPointError: {error}", file=sys.stderr)
+            raise SystemExit(1) from error
+        from traincraft.callbacks.health_report import UnhealthyRunError
+
+        if isinstance(error, UnhealthyRunError):  # HealthReport(fail_on=...): the run trained but is unhealthy
+            print(f"traincraft: error: {error}", file=sys.stderr)
             raise SystemExit(1) from error
         message = _user_message(error)
         if message is not None:
