@@ -79,7 +79,7 @@ cd "$RUN"
 export WANDB_MODE=offline WANDB_SILENT=true PYTHONDONTWRITEBYTECODE=1
 unset PYTHONPATH
 
-step "quick start: Python (README's, one epoch of 3 batches) from $RUN"
+step "quick start: Python (README's, with default_root_dir=\"runs\"; one epoch of 3 batches) from $RUN"
 "$VPY" - "$TMP/venv" 2>"$TMP/quickstart.log" <<'EOF' || { tail -40 "$TMP/quickstart.log"; fail "the Python quick start"; }
 import functools, math, pathlib, sys
 import lightning.pytorch as pl
@@ -100,14 +100,19 @@ model = ImageClassifier(
     lr_multipliers={"features.conv1.*": 2.0},
 )
 callbacks = [GradientClipping(mode="norm", threshold=1.0), LearningRateMonitor(log_update_ratio=True)]
-trainer = pl.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=2, callbacks=callbacks,
-                     enable_progress_bar=False, enable_model_summary=False)
+# The README's Trainer (max_epochs=10, default_root_dir="runs": where the CLI writes), shortened.
+trainer = pl.Trainer(max_epochs=1, callbacks=callbacks, default_root_dir="runs",
+                     limit_train_batches=3, limit_val_batches=2, enable_progress_bar=False, enable_model_summary=False)
 trainer.fit(model, datamodule=data)
 assert trainer.global_step == 3, f"expected 3 optimizer steps, got {trainer.global_step}"
+here = pathlib.Path.cwd()
+written = sorted(p.relative_to(here).as_posix() for p in here.rglob("*.ckpt"))
+assert written and all(p.startswith("runs/") for p in written), f"the checkpoints are not all under runs/: {written}"
+assert not (here / "lightning_logs").exists(), "the Python quick start wrote lightning_logs/ outside runs/"
 logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
 losses = [v for k, v in logged.items() if "loss" in k]
 assert losses and all(math.isfinite(v) for v in losses), f"no finite loss among the logged metrics {logged}"
-print(f"  imported from {location.parent}; 3 steps; logged {', '.join(f'{k}={v:.4g}' for k, v in sorted(logged.items()))}")
+print(f"  imported from {location.parent}; 3 steps; wrote {', '.join(written)}; logged {', '.join(f'{k}={v:.4g}' for k, v in sorted(logged.items()))}")
 EOF
 
 TC="$TMP/venv/bin/traincraft"
@@ -115,8 +120,7 @@ TC="$TMP/venv/bin/traincraft"
 SHORT=(--trainer.max_epochs 1 --trainer.limit_train_batches 3 --trainer.limit_val_batches 2
        --trainer.enable_progress_bar false)
 
-step "quick start: traincraft fit (the default recipe), W&B offline"
-rm -rf runs
+step "quick start: traincraft fit (the default recipe), W&B offline, beside the Python quick start's runs/"
 "$TC" fit "${SHORT[@]}" >"$TMP/fit_default.log" 2>&1 || { tail -40 "$TMP/fit_default.log"; fail "traincraft fit"; }
 [ -f runs/checkpoints/last.ckpt ] || fail "traincraft fit wrote no runs/checkpoints/last.ckpt (found: $(find runs -type f | head))"
 ls -d runs/wandb/offline-run-* >/dev/null 2>&1 || fail "traincraft fit left no W&B offline run under runs/wandb/"
@@ -138,12 +142,18 @@ if [ -n "$RECIPES" ]; then
     "$TC" recipes >"$TMP/recipes.log" 2>&1 || { cat "$TMP/recipes.log"; fail "traincraft recipes"; }
     for n in $NAMES; do grep -q "$n" "$TMP/recipes.log" || fail "traincraft recipes does not list $n"; done
     sed 's/^/  /' "$TMP/recipes.log"
-    step "quick start: traincraft fit --config digits_alexnet_small (a recipe by name, no file here)"
+    step "quick start: traincraft fit --config digits_alexnet_small (a recipe by name, no file here), in a fresh runs/"
     rm -rf runs
     "$TC" fit --config digits_alexnet_small "${SHORT[@]}" >"$TMP/fit_recipe.log" 2>&1 \
         || { tail -40 "$TMP/fit_recipe.log"; fail "traincraft fit --config digits_alexnet_small"; }
     [ -f runs/checkpoints/last.ckpt ] || fail "the recipe's fit wrote no runs/checkpoints/last.ckpt"
-    RECIPE_CHECK="fit --config digits_alexnet_small"
+    step "traincraft test --config digits_alexnet_small --ckpt_path runs/checkpoints/last.ckpt"
+    "$TC" test --config digits_alexnet_small --ckpt_path runs/checkpoints/last.ckpt --trainer.limit_test_batches 2 \
+        --trainer.enable_progress_bar false >"$TMP/test_recipe.log" 2>&1 \
+        || { tail -40 "$TMP/test_recipe.log"; fail "traincraft test --config digits_alexnet_small"; }
+    grep -q "test/acc" "$TMP/test_recipe.log" || { tail -20 "$TMP/test_recipe.log"; fail "the recipe's test printed no test/acc"; }
+    echo "  $(grep -E 'test/(acc|loss) ' "$TMP/test_recipe.log" | tr -s ' │' ' ' | paste -sd, -)"
+    RECIPE_CHECK="recipes, fit and test --config digits_alexnet_small"
 else
     step "no recipes in src/traincraft/recipes yet: traincraft fit --help instead of a recipe by name"
     "$TC" fit --help >"$TMP/help.log" 2>&1 || { tail -20 "$TMP/help.log"; fail "traincraft fit --help"; }
@@ -152,5 +162,6 @@ else
 fi
 
 step "PASSED: sdist + wheel built; wheel holds every package file incl. py.typed${RECIPES:+ and the recipes};" \
-     "installed into a fresh venv; Python quick start, traincraft fit, traincraft test, traincraft $RECIPE_CHECK" \
+     "installed into a fresh venv; Python quick start (into runs/), traincraft fit, traincraft test," \
+     "traincraft $RECIPE_CHECK" \
      "ran from an empty directory"
