@@ -1,4 +1,5 @@
-"""`make demo`: train the default recipe (`traincraft fit`), test the best checkpoint, say where everything is.
+"""`make demo`: train the default recipe (`traincraft fit`, with traincraft's monitors and guard on), test the best
+checkpoint, say where everything is, and end with the training health report: its page and its diagnoses.
 
 Extra arguments go to `traincraft fit`, e.g. `python examples/demo.py --seed_everything 1`.
 """
@@ -11,6 +12,7 @@ from pathlib import Path
 
 START = time.perf_counter()
 
+from traincraft.callbacks import HealthReport  # noqa: E402
 from traincraft.cli import TraincraftCLI  # noqa: E402
 from traincraft.loggers import WandbLogger  # noqa: E402
 
@@ -35,7 +37,16 @@ def main(argv: list[str]) -> dict[str, float]:
     print(f"config          : {Path(trainer.log_dir) / 'config.yaml'}")
     print(f"fit wall time   : {fit_seconds:.1f} s (start-up included); with test: {total_seconds:.1f} s")
     print(f"test accuracy   : {100 * results['test/acc']:.2f}%  (top-5 {100 * results['test/acc_top5']:.2f}%)")
-    return {"test_acc": results["test/acc"], "fit_seconds": fit_seconds, "total_seconds": total_seconds}
+    health = next((c for c in trainer.callbacks if isinstance(c, HealthReport)), None)
+    diagnoses = []
+    if health is not None and health.html is not None:
+        diagnoses = health.report.diagnoses
+        print(f"\nhealth report   : {health.html}  (open it in a browser; panels in {health.html.parent / 'panels'})")
+        print(f"diagnoses       : {len(diagnoses) or 'none: the run looks healthy'}")
+        for d in diagnoses:
+            print(f"  {d.severity.upper():8s} {d.title}: {d.action}")
+    return {"test_acc": results["test/acc"], "fit_seconds": fit_seconds, "total_seconds": total_seconds,
+            "diagnoses": len(diagnoses)}
 
 
 if __name__ == "__main__":
