@@ -71,6 +71,10 @@ def _natural(key: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else "…" + text[-(limit - 1):]
+
+
 def _wants_log(values: Sequence[np.ndarray]) -> bool:
     finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.empty(0)
     if finite.size == 0 or (finite <= 0).any():
@@ -108,20 +112,21 @@ def _figure(rows: int, cols: int = 1, height: float = 2.6):
     return fig, [ax for row in axes for ax in row]
 
 
-def _finish(fig, axes, name: str, title: str, keys: Sequence[str]) -> Panel:
+def _finish(fig, axes, name: str, title: str, keys: Sequence[str], label_chars: int = 0,
+            bottom_in: float = 0.5) -> Panel:
+    """Title, margins and PNG bytes of a figure. ``label_chars``: the longest text tick label on a y axis (layer
+    names); ``bottom_in``: inches below the lowest axes for its tick labels (rotated names need more)."""
     for ax in axes:
         if ax.has_data() and not ax.get_xlabel() and ax.get_subplotspec().is_last_row():
             ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
     fig.suptitle(title, fontsize=11)
-    # Fixed margins rather than tight_layout, which draws every figure once more to measure it (half the time of
-    # a large report); the left margin widens for long tick labels (layer names).
-    labels = max((len(t.get_text()) for ax in axes for t in ax.get_yticklabels()), default=0)
-    width_in = fig.get_size_inches()[0]
-    left = min(0.4, max(0.07, (0.5 + 0.055 * labels) / width_in))
-    rows = max(1, round(fig.get_size_inches()[1] / 2.6))
-    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.6 / fig.get_size_inches()[1],
-                        bottom=0.35 / fig.get_size_inches()[1] + 0.06 / rows, hspace=0.55, wspace=0.22)
+    # Fixed margins in inches rather than tight_layout, which draws every figure once more to measure it (half
+    # the time of a large report).
+    width, height = fig.get_size_inches()
+    left = min(0.4, (0.75 + 0.05 * label_chars) / width)
+    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.55 / height, bottom=bottom_in / height, hspace=0.6,
+                        wspace=0.22)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
     plt.close(fig)
@@ -214,7 +219,9 @@ def depth_profile(run: RunMetrics) -> Panel | None:
     slope = run.matching("grad/depth_slope*")
     if not keys and not slope:
         return None
-    fig, axes = _figure(1, 2 if keys and slope else 1, height=3.6)
+    names = [_shorten(k[len("grad/norm/"):], 32) for k in keys]
+    bottom_in = 0.6 + 0.04 * max((len(n) for n in names), default=0)  # room for the rotated names
+    fig, axes = _figure(1, 2 if keys and slope else 1, height=3.0 + bottom_in)
     used: list[str] = []
     if keys:
         ax = axes[0]
@@ -230,7 +237,6 @@ def depth_profile(run: RunMetrics) -> Panel | None:
             ax.plot(depth, values, marker="o", markersize=3, label=label)
         if _wants_log([np.array(v) for v in phases.values()]):
             ax.set_yscale("log")
-        names = [k[len("grad/norm/"):] for k in keys]
         step = max(1, len(names) // 12)
         ax.set_xticks(depth[::step], names[::step], rotation=60, ha="right", fontsize=6)
         ax.set_xlabel("parameter (input → output)", fontsize=8)
@@ -244,7 +250,7 @@ def depth_profile(run: RunMetrics) -> Panel | None:
         used += _plot(ax, run, slope, log=False)
         ax.axhline(0.0, color="crimson", linestyle="--", linewidth=1)
         ax.set_title("depth slope of ln‖g‖ (< 0 vanishing, > 0 exploding)", fontsize=9)
-    return _finish(fig, axes, "depth_profile", "Depth profile of the gradients", used)
+    return _finish(fig, axes, "depth_profile", "Depth profile of the gradients", used, bottom_in=bottom_in)
 
 
 def sharpness(run: RunMetrics) -> Panel | None:
@@ -259,7 +265,8 @@ def sharpness(run: RunMetrics) -> Panel | None:
     fig, axes = _figure(len(rows))
     used: list[str] = []
     for ax, (subtitle, keys) in zip(axes, rows, strict=True):
-        used += _plot(ax, run, keys, log=False)
+        # the monitor logs its last probe again at every logging step: steps, not slopes, between probes
+        used += _plot(ax, run, keys, log=False, drawstyle="steps-post")
         if keys[0] == "curvature/eta_lambda" and "curvature/threshold" not in run:
             ax.axhline(2.0, color="crimson", linestyle="--", linewidth=1, label="2 (SGD)")
             ax.legend(fontsize=7)
@@ -288,7 +295,7 @@ def _heat(ax, fig, steps: np.ndarray, matrix: np.ndarray, rows: Sequence[str], t
     image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", interpolation="nearest", extent=extent,
                       cmap="viridis", **norm)
     step = max(1, len(rows) // 16)
-    ax.set_yticks(np.arange(len(rows))[::step], list(rows)[::step], fontsize=6)
+    ax.set_yticks(np.arange(len(rows))[::step], [_shorten(r, 40) for r in rows][::step], fontsize=6)
     ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03, pad=0.01)
 
@@ -316,7 +323,8 @@ def activations(run: RunMetrics) -> Panel | None:
             norm = {"norm": LogNorm(vmin=float(finite.min()), vmax=float(finite.max()))}
         _heat(ax, fig, steps, matrix, layers, f"layer input {stat}", **norm)
         used += keys
-    return _finish(fig, axes, "activations", "Per-layer activation statistics", used)
+    return _finish(fig, axes, "activations", "Per-layer activation statistics", used,
+                   label_chars=min(40, max(len(name) for m in maps for name in m[2])))
 
 
 def dead_saturated(run: RunMetrics) -> Panel | None:
@@ -333,7 +341,8 @@ def dead_saturated(run: RunMetrics) -> Panel | None:
         what = "dead (≤ 0) fraction, ReLU layers" if stat == "dead_frac" else "saturated fraction, tanh/sigmoid"
         _heat(ax, fig, steps, matrix, layers, what, vmin=0.0, vmax=1.0)
         used += keys
-    return _finish(fig, axes, "dead_saturated", "Dead and saturated units", used)
+    return _finish(fig, axes, "dead_saturated", "Dead and saturated units", used,
+                   label_chars=min(40, max(len(name) for m in maps for name in m[2])))
 
 
 def drift(run: RunMetrics) -> Panel | None:
@@ -402,6 +411,3 @@ def draw_panels(run: RunMetrics) -> tuple[list[Panel], list[str]]:
         else:
             panels.append(panel)
     return panels, left_out
-
-
-__all__ = ["PANELS", "Panel", "draw_panels", "reduce_for_plot"]
