@@ -27,10 +27,20 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 
 from traincraft.callbacks.curvature import CurvatureMonitor
-from traincraft.metrics.hessian import is_preconditioned, stability_threshold
+from traincraft.metrics.hessian import (
+    DoubleBackwardError,
+    effective_rate_diagonal,
+    hessian_vector_operator,
+    is_preconditioned,
+    lanczos,
+    params_of,
+    scaled_operator,
+    stability_threshold,
+)
 
 _KINDS = ("sgd", "adam", "adamw")
 
@@ -48,7 +58,6 @@ class LRSuggestion:
         threshold: the optimizer's stability threshold on η·λ (2, 2+2β, (2+2β₁)/(1-β₁), ...).
         optimizer: the optimizer and the settings the threshold depends on, e.g. ``"SGD(momentum=0.9, nesterov)"``.
         fraction: ``lr / threshold_lr``.
-        hessian_lambda_max: the plain Hessian's largest eigenvalue (equal to ``lambda_max`` for plain SGD).
         batches: training batches the Hessian was taken on.
         warmup_steps: optimizer steps taken (and undone) before measuring.
         seconds: wall time of the whole suggestion.
@@ -60,7 +69,6 @@ class LRSuggestion:
     threshold: float
     optimizer: str
     fraction: float
-    hessian_lambda_max: float
     batches: int
     warmup_steps: int
     seconds: float
@@ -115,9 +123,9 @@ def suggest_learning_rate(
     datamodule: Optional[pl.LightningDataModule] = None,
     *,
     train_dataloaders: Optional[Iterable[Any]] = None,
-    batches: int = 4,
+    batches: int = 1,
     warmup_steps: int = 10,
-    iterations: int = 20,
+    iterations: int = 10,
     fraction: float = 0.5,
     seed: int = 0,
 ) -> LRSuggestion:
@@ -125,9 +133,9 @@ def suggest_learning_rate(
 
     The optimizer ``module.configure_optimizers()`` returns takes ``warmup_steps`` steps at its configured rate (the
     curvature at initialization is atypical, and Adam needs its second moments v̂), then Lanczos on exact
-    Hessian-vector products (:meth:`CurvatureMonitor.probe <traincraft.callbacks.CurvatureMonitor.probe>`) finds
-    λ_max on ``batches`` further batches taken together, preconditioned by the optimizer's state for adaptive
-    optimizers. The result is ``fraction`` of the largest stable rate (:func:`lr_from_curvature`; the module
+    Hessian-vector products (:func:`~traincraft.metrics.hessian.lanczos`, as in
+    :class:`~traincraft.callbacks.CurvatureMonitor`) finds the largest eigenvalue of the step's curvature η·H on
+    ``batches`` further batches taken together, preconditioned by the optimizer's state for adaptive optimizers. The result is ``fraction`` of the largest stable rate (:func:`lr_from_curvature`; the module
     docstring says why 1/2). Afterwards the module is exactly as before: weights, buffers, ``.grad``, train/eval
     modes, and the torch, Python and NumPy random states; schedulers are not built (the rate is the starting one).
 
@@ -165,8 +173,8 @@ def suggest_learning_rate(
     """
     for name, value, low in (("batches", batches, 1), ("warmup_steps", warmup_steps, 0), ("iterations", iterations, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}. The defaults: batches=4, "
-                             "warmup_steps=10, iterations=20.")
+            raise ValueError(f"{name} must be an integer >= {low}; got {value!r}. The defaults: batches=1, "
+                             "warmup_steps=10, iterations=10.")
     _check_fraction(fraction)
     if (datamodule is None) == (train_dataloaders is None):
         raise ValueError("pass exactly one source of training batches: a datamodule or train_dataloaders (got "
@@ -196,29 +204,47 @@ def suggest_learning_rate(
         with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             module.train()
-            monitor = CurvatureMonitor(first_iterations=iterations, directional=False)
+            monitor = CurvatureMonitor()  # its loss and its error messages
             stream = _cycle(train_dataloaders)
             for _ in range(warmup_steps):
                 batch = _prepare(module, datamodule, next(stream), device)
                 optimizer.zero_grad(set_to_none=True)
                 monitor._loss(module, batch).backward()
                 optimizer.step()
-            monitor._probe_batch = _concatenate([_prepare(module, datamodule, next(stream), device)
-                                                 for _ in range(batches)])
-            results = monitor.probe(module, optimizer)
-            eta_lambda, hessian = results["eta_lambda"].item(), results["lambda_max"].item()
+            probe = _concatenate([_prepare(module, datamodule, next(stream), device) for _ in range(batches)])
+            eta_lambda = _step_sharpness(module, monitor, probe, optimizer, iterations, device)
     finally:
         saved.restore()
     if not math.isfinite(eta_lambda) or eta_lambda <= 0:
-        raise ValueError(f"the largest eigenvalue of the step's curvature is {eta_lambda:.4g} (Hessian λ_max "
-                         f"{hessian:.4g}) after {warmup_steps} warm-up steps: curvature sets no limit on the rate here. "
+        raise ValueError(f"the largest eigenvalue of the step's curvature η·λ is {eta_lambda:.4g} after "
+                         f"{warmup_steps} warm-up steps: curvature sets no limit on the rate here. "
                          "Raise warmup_steps or batches, or use Lightning's Tuner.lr_find.")
     curvature = eta_lambda / reference
     threshold_lr = lr_from_curvature(curvature, optimizer, fraction=1.0)
     return LRSuggestion(lr=fraction * threshold_lr, lambda_max=curvature, threshold_lr=threshold_lr,
                         threshold=threshold, optimizer=_describe(optimizer), fraction=float(fraction),
-                        hessian_lambda_max=hessian, batches=batches, warmup_steps=warmup_steps,
+                        batches=batches, warmup_steps=warmup_steps,
                         seconds=time.perf_counter() - began)
+
+
+def _step_sharpness(module: pl.LightningModule, monitor: CurvatureMonitor, batch: Any, optimizer: Optimizer,
+                    iterations: int, device: torch.device) -> float:
+    """η·λ_max of one step of ``optimizer``: the largest eigenvalue of D^½HD^½, D its per-weight step size (the
+    group rates for SGD, η/(√v̂+ε) for Adam), by Lanczos on exact Hessian-vector products, as CurvatureMonitor's
+    second run does (one run here: the plain Hessian's is not needed)."""
+    params = params_of(module)
+    diagonal = effective_rate_diagonal(optimizer, params)
+    generator = torch.Generator(device=device).manual_seed(0)
+    start = torch.randn(diagonal.numel(), generator=generator, device=device)
+    # fp32 outside autocast, and the math attention kernel: the fused ones have no double backward
+    with torch.autocast(device.type, enabled=False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        try:
+            hvp, _ = hessian_vector_operator(monitor._loss(module, batch).float(), params)
+            pairs = lanczos(scaled_operator(hvp, diagonal), start, iterations, generator)
+        except DoubleBackwardError as error:
+            monitor._probe_batch = batch  # the monitor names the module that cannot be differentiated twice
+            raise monitor._name_the_module(module, error) from error
+    return pairs.lambda_max.item()
 
 
 class _Snapshot:
