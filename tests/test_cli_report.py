@@ -144,3 +144,24 @@ def test_help_lists_the_subcommand():
 def _touch(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def test_wandb_gets_the_histograms_and_image_grids(fitted):
+    """The default recipe's monitors send W&B more than scalars: activation histograms and the augmentation grid."""
+    import time
+
+    from tests.helpers import read_wandb_records
+
+    root, _ = fitted
+    run_dir = next((root / "runs" / "wandb").glob("offline-run-*"))
+    deadline = time.monotonic() + 60
+    while True:  # W&B's service may still be writing the file after finish()
+        records = read_wandb_records(run_dir)
+        if any(r.WhichOneof("record_type") == "exit" for r in records) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    types = {"/".join(item.nested_key[:-1]): item.value_json
+             for r in records if r.WhichOneof("record_type") == "history"
+             for item in r.history.item if item.nested_key and item.nested_key[-1] == "_type"}
+    assert any(k.startswith("covshift/train/") and v == '"histogram"' for k, v in types.items()), types
+    assert "image" in types.get("augmentation/gallery", ""), types
