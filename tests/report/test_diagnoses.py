@@ -182,7 +182,7 @@ def test_dead_units_name_the_layer_from_the_last_half():
 
 
 def test_dead_units_silent_below_the_fraction_or_after_recovery():
-    assert dx.dead_units(run_of(**{"covshift/train/a/dead_frac": np.full(20, 0.88)})) == []
+    assert dx.dead_units(run_of(**{"covshift/train/a/dead_frac": np.full(20, 0.93)})) == []
     recovered = np.concatenate([np.full(10, 0.99), np.full(10, 0.55)])
     assert dx.dead_units(run_of(**{"covshift/train/a/dead_frac": recovered})) == []
     assert dx.dead_units(run_of(**{"covshift/val/a/dead_frac": np.full(20, 0.99)})) == []  # training only

@@ -70,7 +70,7 @@ VANISHING_RATIO = 1e-3
 #: ``grad/depth_slope`` below which each layer towards the input gets ≤ e^-1.0 ≈ 0.37 times the gradient.
 DEPTH_SLOPE_VANISHING = -1.0
 #: Fraction of a ReLU layer's inputs ≤ 0 above which most of its units are dead (0.5 is healthy).
-DEAD_FRACTION = 0.9
+DEAD_FRACTION = 0.95
 #: Fraction of a tanh/sigmoid layer's inputs in the flat tails above which the layer is saturated.
 SATURATED_FRACTION = 0.5
 #: Consecutive validation checks that must declare drift.
