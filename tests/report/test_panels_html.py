@@ -56,7 +56,7 @@ def _all_signals() -> RunMetrics:
             "grad/depth_slope": np.cos, "curvature/eta_lambda": ramp, "curvature/lambda_max": ramp,
             "curvature/lambda_min": lambda x: -ramp(x), "drift/ks_pvalue_min": lambda x: 0.5 + 0 * x,
             "comm/bytes": lambda x: 4e6 + 0 * x, "ddp/step_time_spread": ramp, "ddp/noise_scale": ramp,
-            "train/samples_per_sec": ramp}
+            "train/samples_per_sec": ramp, "train|device|mfu": lambda x: 0.4 + 0 * x}
     for layer in ("model.0.act", "model.1.act"):
         for stat in ("mean", "std", "dead_frac", "sat_frac"):
             keys[f"covshift/train/{layer}/{stat}"] = lambda x: 0.3 + 0 * x
@@ -82,6 +82,7 @@ def test_every_panel_draws_from_its_keys(drawn):
     # the depth axis follows the layer numbers, not the text: layers.2 comes before layers.10
     assert by_name["depth_profile"].keys[:2] == ("grad/norm/model.layers.2.weight", "grad/norm/model.layers.10.weight")
     assert "covshift/train/model.1.act/sat_frac" in by_name["dead_saturated"].keys
+    assert by_name["throughput"].keys == ("train/samples_per_sec", "train|device|mfu")
 
 
 def test_a_run_without_signals_names_the_callback_for_each_panel():

@@ -97,6 +97,7 @@ def test_csv_tensorboard_and_wandb_readers_give_back_what_the_trainer_logged():
     import wandb
 
     wandb.finish()
+    wandb.teardown()  # the service has written the whole run file once it is gone
     reference = recorder.expected()
     assert len(reference["a"]) == 12 and math.isnan(reference["c"][0][1]) and len(reference["val/b"]) == 2
 
@@ -181,3 +182,27 @@ def test_missing_tensorboard_says_how_to_install_it(monkeypatch):
     monkeypatch.delitem(sys.modules, "tensorboard.backend", raising=False)
     with pytest.raises(ImportError, match="pip install tensorboard"):
         read_run("runs/tb")
+
+
+def test_histograms_and_images_are_listed_apart_from_the_scalars():
+    from types import SimpleNamespace
+
+    import wandb
+
+    from traincraft.loggers import log_histogram, log_image
+
+    wandb_logger = WandbLogger(save_dir="runs", project="test")
+    tb_logger = TensorBoardLogger("runs", name="tb", default_hp_metric=False)
+    trainer = SimpleNamespace(global_step=5, loggers=[tb_logger, wandb_logger])
+    log_image(trainer, "grid", torch.rand(3, 6, 7), caption="c")
+    log_histogram(trainer, "hist", torch.randn(1000))
+    tb_logger.log_metrics({"loss": 0.5}, step=5)
+    wandb_logger.log_metrics({"loss": 0.5}, step=5)
+    run_dir = Path(wandb_logger.experiment.dir).parent
+    tb_logger.experiment.flush()
+    wandb.finish()
+    wandb.teardown()  # the service has written the whole run file once it is gone
+    for run in (read_run(tb_logger.log_dir), read_run(run_dir)):
+        assert set(run.series) == {"loss"} and run.series["loss"].steps.tolist() == [5], run.source
+        assert {k.split("/")[0] for k in run.other} == {"grid", "hist"}, (run.source, run.other)
+        assert "histogram" in run.other.values(), (run.source, run.other)

@@ -367,14 +367,18 @@ def distributed(run: RunMetrics) -> Panel | None:
 
 
 def _throughput_keys(run: RunMetrics) -> list[str]:
-    return sorted((k for k in run.series if "per_sec" in k or "throughput" in k or k.rsplit("/", 1)[-1] == "mfu"),
+    return sorted((k for k in run.series if "per_sec" in k or "throughput" in k or re.search(r"(^|[/|])mfu$", k)),
                   key=_natural)
 
 
 def throughput(run: RunMetrics) -> Panel | None:
-    """Samples/batches per second and MFU (Lightning's ``ThroughputMonitor``, or any ``*per_sec*`` key)."""
+    """Samples/batches per second, FLOP/s and MFU (Lightning's ``ThroughputMonitor``, or any ``*per_sec*`` key)."""
     keys = _throughput_keys(run)
-    return _stacked(run, "throughput", "Throughput", [("throughput", keys)]) if keys else None
+    flops = [k for k in keys if "flop" in k]
+    mfu = [k for k in keys if re.search(r"(^|[/|])mfu$", k)]
+    rate = [k for k in keys if k not in flops and k not in mfu]
+    return _stacked(run, "throughput", "Throughput", [("samples, batches or items per second", rate),
+                                                      ("FLOP per second", flops), ("model FLOP utilisation", mfu)])
 
 
 #: Every panel, in report order, with the line the report prints when the run logged none of its keys.

@@ -246,8 +246,12 @@ def read_wandb(path: str | Path) -> RunMetrics:
         step = row.pop("trainer/global_step", row.get("_step"))
         if step is None:
             continue
+        # W&B flattens media into nested keys ("grid/_type", "grid/count", ...): the prefix is the media key
+        media = {key[: -len("/_type")]: value for key, value in row.items() if key.endswith("/_type")}
+        for key, kind in media.items():
+            other[key] = str(kind).replace("-file", "")
         for key, value in row.items():
-            if key.startswith("_"):
+            if key.startswith("_") or any(key.startswith(prefix + "/") for prefix in media):
                 continue
             if isinstance(value, dict):  # media: {"_type": "histogram" | "image-file" | ...}
                 other[key] = str(value.get("_type", "media")).replace("-file", "")
