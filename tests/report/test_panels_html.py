@@ -175,6 +175,8 @@ def test_report_writes_page_panels_and_diagnoses_json_and_summarises(tmp_path, d
     saved = json.loads((tmp_path / "out/diagnoses.json").read_text())
     assert saved["diagnoses"][0]["rule"] == "bad" and saved["diagnoses"][0]["steps"] == [10, 40]
     assert report.summary().startswith("PROBLEM  bad <b>title</b> [steps 10-40] [layer model.0] (75%): Gradient")
+    Report(run, [], panels[:2], left_out).write(tmp_path / "out")  # a rewrite with fewer panels leaves no stale ones
+    assert sorted(p.name for p in (tmp_path / "out/panels").iterdir()) == sorted(f"{p.name}.png" for p in panels[:2])
     healthy = Report(run, [], panels, left_out)
     assert "no diagnosis" in healthy.summary() and "No diagnosis" in healthy.html()
     (tmp_path / "file").write_text("")

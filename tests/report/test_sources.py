@@ -151,6 +151,7 @@ def test_csv_cells_empty_nan_quoted_and_runs_of_empty_cells():
     ("", ValueError, "is empty: the run logged nothing"),
     ("epoch,loss\n0,1\n", ValueError, "has no 'step' column"),
     ("epoch,step,loss\n0,1,2\n0,2\n", ValueError, "is garbled"),
+    ("epoch,step,loss\r\n", ValueError, "has a header but no rows"),
     ("epoch,step,loss\n0,1,abc\n", ValueError, "is garbled"),
 ])
 def test_bad_csv_files_are_named_with_what_is_wrong(content, error, message):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from traincraft.report._data import Diagnosis, RunMetrics
 from traincraft.report.html import render_html
-from traincraft.report.panels import Panel, draw_panels
+from traincraft.report.panels import PANELS, Panel, draw_panels
 from traincraft.report.sources import read_run
 
 _SEVERITY_ORDER = {"problem": 0, "warning": 1, "info": 2}
@@ -60,6 +60,8 @@ class Report:
             raise NotADirectoryError(f"Report directory {str(out)!r} is a file; pass a directory to write "
                                      "report.html, panels/ and diagnoses.json into.")
         (out / "panels").mkdir(parents=True, exist_ok=True)
+        for draw, _ in PANELS:  # a panel an earlier report drew here and this one left out must not linger
+            (out / "panels" / f"{draw.__name__}.png").unlink(missing_ok=True)
         for panel in self.panels:
             (out / "panels" / f"{panel.name}.png").write_bytes(panel.png)
         records = [{k: _json_safe(v) for k, v in d.as_dict().items()} for d in self.diagnoses]

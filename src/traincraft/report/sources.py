@@ -118,7 +118,8 @@ def read_csv(path: str | Path) -> RunMetrics:
                          f"{header[:6]}{'...' if len(header) > 6 else ''} has no 'step' column.")
     series: dict[str, Series] = {}
     if not body.strip():
-        return RunMetrics(series, "csv", path)
+        raise ValueError(f"{str(path)!r} has a header but no rows: the run logged nothing yet. Check "
+                         "trainer.log_every_n_steps against the number of steps, or read the run after it logged.")
     body = b"\n" + body.strip(b"\n")
     while b"\n\n" in body:  # blank lines carry no row
         body = body.replace(b"\n\n", b"\n")
