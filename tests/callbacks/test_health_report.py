@@ -12,7 +12,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from tests.helpers import read_wandb_records, tiny_trainer, wandb_history
-from traincraft.callbacks import GradientClipping, HealthReport, LearningRateMonitor, UnhealthyRunError
+from traincraft.callbacks import GradientClipping, HealthReport, LearningRateMonitor
+from traincraft.callbacks.health_report import UnhealthyRunError
 from traincraft.data import DigitsDataModule
 from traincraft.loggers import WandbLogger
 from traincraft.modules import ImageClassifier

@@ -9,7 +9,7 @@ from traincraft.callbacks.curvature import CurvatureMonitor
 from traincraft.callbacks.data_drift import DataDriftMonitor
 from traincraft.callbacks.gradient_clipping import GradientClipping
 from traincraft.callbacks.hard_example_mining import HardExampleMining
-from traincraft.callbacks.health_report import HealthReport, UnhealthyRunError
+from traincraft.callbacks.health_report import HealthReport
 from traincraft.callbacks.lr_governor import LearningRateGovernor
 from traincraft.callbacks.lr_monitor import LearningRateMonitor
 
@@ -23,5 +23,4 @@ __all__ = [
     "HealthReport",
     "LearningRateGovernor",
     "LearningRateMonitor",
-    "UnhealthyRunError",
 ]

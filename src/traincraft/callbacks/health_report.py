@@ -54,8 +54,10 @@ class HealthReport(Callback):
             (e.g. ``runs/csv/version_0/health_report``).
         on: ``"fit_end"`` writes the report when ``fit`` ends (and when it raises); ``"demand"`` only when
             :meth:`write` is called.
-        fail_on: ``"problem"`` or ``"warning"``: after writing, raise :class:`UnhealthyRunError` if a diagnosis of
-            that severity or worse was found (to gate CI on a run's health); ``None``: never.
+        fail_on: ``"problem"`` or ``"warning"``: after writing, raise
+            :class:`traincraft.callbacks.health_report.UnhealthyRunError` (a ``RuntimeError``; ``traincraft fit``
+            exits with status 1) if a diagnosis of that severity or worse was found, to gate CI on a run's health;
+            ``None``: never.
         verbose: print the report's path and one line per diagnosis (rank zero).
         wandb_wait: when the run is read from W&B (no CSV or TensorBoard logger), seconds to wait for W&B's
             service to write the fit's last steps to the run file (it appends every few seconds).
