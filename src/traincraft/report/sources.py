@@ -94,9 +94,11 @@ def find_run(source: str | Path) -> tuple[str, Path]:
 
 
 def _series(key: str, steps: np.ndarray, values: np.ndarray) -> Series:
-    order = np.argsort(steps, kind="stable")  # several values at one step keep their logged order
-    return Series(key, np.ascontiguousarray(steps[order], dtype=np.int64),
-                  np.ascontiguousarray(values[order], dtype=np.float64))
+    steps, values = np.asarray(steps, dtype=np.int64), np.asarray(values, dtype=np.float64)
+    if len(steps) > 1 and (np.diff(steps) < 0).any():  # logged out of order (a resumed run): sort, stably
+        order = np.argsort(steps, kind="stable")  # several values at one step keep their logged order
+        steps, values = steps[order], values[order]
+    return Series(key, np.ascontiguousarray(steps), np.ascontiguousarray(values))
 
 
 def read_csv(path: str | Path) -> RunMetrics:
@@ -111,7 +113,7 @@ def read_csv(path: str | Path) -> RunMetrics:
     if not data.strip():
         raise ValueError(f"{str(path)!r} is empty: the run logged nothing. Log at least one metric (self.log) and "
                          "check trainer.log_every_n_steps against the number of steps.")
-    head, _, body = data.replace(b"\r\n", b"\n").partition(b"\n")
+    head, _, body = (data.replace(b"\r\n", b"\n") if b"\r" in data[:4096] else data).partition(b"\n")
     header = next(csv.reader([head.decode("utf-8", errors="replace")]))  # keys may be quoted
     if "step" not in header:
         raise ValueError(f"{str(path)!r} is not a Lightning CSVLogger metrics file: its header "
