@@ -125,7 +125,7 @@ def _finish(fig, axes, name: str, title: str, keys: Sequence[str], label_chars: 
     # the time of a large report).
     width, height = fig.get_size_inches()
     left = min(0.4, (0.75 + 0.05 * label_chars) / width)
-    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.55 / height, bottom=bottom_in / height, hspace=0.6,
+    fig.subplots_adjust(left=left, right=0.97, top=1 - 0.7 / height, bottom=bottom_in / height, hspace=0.45,
                         wspace=0.22)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
