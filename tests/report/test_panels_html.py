@@ -182,3 +182,14 @@ def test_report_writes_page_panels_and_diagnoses_json_and_summarises(tmp_path, d
     (tmp_path / "file").write_text("")
     with pytest.raises(NotADirectoryError, match="is a file"):
         report.write(tmp_path / "file")
+
+
+def test_groups_and_optimizers_are_told_apart_by_lightnings_names():
+    from traincraft.report.panels import gradients, lr_groups
+
+    keys = ["lr-Adam", "lr-Adam-momentum", "lr-Adam-1", "lr-Adam-1-momentum", "lr-Adam-1-update_ratio",
+            "lr-SGD/pg1", "lr-SGD/pg1-beta1", "lr-SGD/pg10", "lr-SGD/pg2"]
+    run = _run(**{k: (lambda x: 0.1 + 0 * x) for k in keys})
+    assert lr_groups(run) == ["lr-Adam", "lr-Adam-1", "lr-SGD/pg1", "lr-SGD/pg2", "lr-SGD/pg10"]
+    run = _run(**{k: (lambda x: 1.0 + x) for k in ("grad/norm_pre/opt0", "grad/norm_pre/opt1", "grad/clipped_frac/opt1")})
+    assert gradients(run).keys == ("grad/norm_pre/opt0", "grad/norm_pre/opt1", "grad/clipped_frac/opt1")

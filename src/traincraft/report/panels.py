@@ -175,7 +175,11 @@ def loss_accuracy(run: RunMetrics) -> Panel | None:
 def lr_groups(run: RunMetrics) -> list[str]:
     """The learning-rate group keys (``lr-SGD``, ``lr-Adam/pg2``): ``lr-*`` keys that are not another's extra."""
     keys = [k for k in run.series if k.startswith("lr-")]
-    return sorted((k for k in keys if not any(k != g and k.startswith(g + "-") for g in keys)), key=_natural)
+
+    def extra(key: str) -> bool:  # lr-Adam-momentum is lr-Adam's; lr-Adam-1 is the second Adam (Lightning's names)
+        return any(key.startswith(g + "-") and re.fullmatch(r"[A-Za-z_]\w*", key[len(g) + 1:]) for g in keys)
+
+    return sorted((k for k in keys if not extra(k)), key=_natural)
 
 
 def learning_rate(run: RunMetrics) -> Panel | None:
