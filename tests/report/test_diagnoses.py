@@ -135,6 +135,11 @@ def test_cliff_fires_on_a_spike_with_a_loss_jump_and_proposes_a_threshold():
 def test_cliff_silent_below_the_factor_or_without_a_loss_jump():
     assert dx.gradient_cliff(cliff_run(spike=9.0, jump=5.0)) == []
     assert dx.gradient_cliff(cliff_run(spike=50.0, jump=1.2)) == []
+    # late in a fit: a noisy loss of 0.02 doubling is no lost progress
+    norm, loss = np.ones(60), np.full(60, 0.02)
+    loss[:3] = 2.3
+    norm[30], loss[31] = 50.0, 0.06
+    assert dx.gradient_cliff(run_of(grad__norm_pre=norm, train__loss_step=loss)) == []
     assert dx.gradient_cliff(run_of(train__loss_step=falling_loss())) == []
 
 

@@ -45,7 +45,18 @@ __all__ = [
     "STRAGGLER_SPREAD",
     "STUCK_LOSS",
     "VANISHING_RATIO",
+    "data_drift",
+    "dead_units",
     "diagnose",
+    "gradient_cliff",
+    "lr_above_stability",
+    "lr_too_low",
+    "oscillation",
+    "overfitting",
+    "saddle",
+    "saturated_units",
+    "straggler",
+    "vanishing_gradients",
 ]
 
 #: ``curvature/stability_ratio`` (η·λ_max over the optimizer's threshold, 2 for SGD) above which a probe counts as
@@ -63,7 +74,8 @@ LOW_UPDATE_RATIO = 1e-4
 FLAT_LOSS = 0.05
 #: A gradient norm this many times the median of the preceding logs is a spike (a cliff, SLIDE 29).
 SPIKE_FACTOR = 10.0
-#: A spike counts when the training loss within the next logs exceeds this many times its preceding median.
+#: A spike counts when the training loss within the next logs exceeds this many times its preceding median (and
+#: by a tenth of the starting loss at least).
 LOSS_JUMP = 1.5
 #: Smallest over largest per-layer gradient norm (weights) below which gradients vanish through depth (SLIDE 32).
 VANISHING_RATIO = 1e-3
@@ -327,7 +339,10 @@ def _loss_jumps(loss: Series | None, step: int, after: int = 3) -> bool:
     later = loss.values[loss.steps >= step][: after + 1]
     if len(before) < 3 or not len(later):
         return False
-    return bool(later.max() > LOSS_JUMP * float(np.median(before)))
+    base = float(np.median(before))
+    # Late in a fit the loss is small and noisy, and one hard batch can double it: the jump must also be a
+    # tenth of the loss the run started from to count as lost progress.
+    return bool(later.max() > LOSS_JUMP * base and later.max() - base > 0.1 * float(np.median(loss.values[:3])))
 
 
 def _natural(name: str) -> list:
