@@ -13,15 +13,12 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # no display, ever: reports are written by servers and CI
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.colors import LogNorm  # noqa: E402
-
-from traincraft.report._data import RunMetrics  # noqa: E402
+from traincraft.report._data import RunMetrics
 
 #: Points per series after reduction: about one min/max pair per pixel column of a panel.
 _BINS = 800
@@ -108,7 +105,11 @@ def _plot(ax, run: RunMetrics, keys: Sequence[str], label: Callable[[str], str] 
 
 
 def _figure(rows: int, cols: int = 1, height: float = 2.6):
-    fig, axes = plt.subplots(rows, cols, figsize=(10, height * rows), squeeze=False, sharex=cols == 1)
+    # A bare Figure on an Agg canvas, not pyplot: no display, no global backend switch in the user's process
+    # (a notebook keeps its own), no figure manager to close.
+    fig = Figure(figsize=(10, height * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=cols == 1)
     return fig, [ax for row in axes for ax in row]
 
 
@@ -129,7 +130,6 @@ def _finish(fig, axes, name: str, title: str, keys: Sequence[str], label_chars: 
                         wspace=0.22)
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=_DPI)
-    plt.close(fig)
     return Panel(name, title, buffer.getvalue(), tuple(keys))
 
 
