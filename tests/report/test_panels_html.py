@@ -60,6 +60,7 @@ def _all_signals() -> RunMetrics:
     for layer in ("model.0.act", "model.1.act"):
         for stat in ("mean", "std", "dead_frac", "sat_frac"):
             keys[f"covshift/train/{layer}/{stat}"] = lambda x: 0.3 + 0 * x
+    keys["covshift/train/model.0.norm/bn_var_ratio"] = lambda x: 1 + np.sin(x) / 2
     return _run(**keys)
 
 
@@ -82,6 +83,7 @@ def test_every_panel_draws_from_its_keys(drawn):
     # the depth axis follows the layer numbers, not the text: layers.2 comes before layers.10
     assert by_name["depth_profile"].keys[:2] == ("grad/norm/model.layers.2.weight", "grad/norm/model.layers.10.weight")
     assert "covshift/train/model.1.act/sat_frac" in by_name["dead_saturated"].keys
+    assert "covshift/train/model.0.norm/bn_var_ratio" in by_name["activations"].keys
     assert by_name["throughput"].keys == ("train/samples_per_sec", "train|device|mfu")
 
 

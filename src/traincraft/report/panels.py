@@ -311,8 +311,9 @@ def _covshift_layers(run: RunMetrics, stat: str) -> tuple[list[str], list[str]]:
 
 
 def activations(run: RunMetrics) -> Panel | None:
-    """Per-layer input mean and standard deviation as heat maps, layers × steps (``CovariateShiftMonitor``)."""
-    maps = [(stat, *_covshift_layers(run, stat)) for stat in ("mean", "std", "w2_drift")]
+    """Per-layer input mean, standard deviation, drift between logs and BatchNorm's batch/running variance ratio as
+    heat maps, layers × steps (``CovariateShiftMonitor``)."""
+    maps = [(stat, *_covshift_layers(run, stat)) for stat in ("mean", "std", "w2_drift", "bn_var_ratio")]
     maps = [m for m in maps if m[1]]
     if not maps:
         return None
@@ -325,7 +326,9 @@ def activations(run: RunMetrics) -> Panel | None:
         norm = {}
         if stat != "mean" and finite.size and (finite > 0).all() and finite.max() / finite.min() > 100:
             norm = {"norm": LogNorm(vmin=float(finite.min()), vmax=float(finite.max()))}
-        _heat(ax, fig, steps, matrix, layers, f"layer input {stat}", **norm)
+        titles = {"w2_drift": "W2 drift between logs (in standard deviations)",
+                  "bn_var_ratio": "BatchNorm: batch variance / running variance (1 agrees)"}
+        _heat(ax, fig, steps, matrix, layers, titles.get(stat, f"layer input {stat}"), **norm)
         used += keys
     return _finish(fig, axes, "activations", "Per-layer activation statistics", used,
                    label_chars=min(40, max(len(name) for m in maps for name in m[2])))
