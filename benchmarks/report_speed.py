@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/report_speed.py --steps 100000 --log-every 10 --repeats 3
     .venv/bin/python benchmarks/report_speed.py --steps 100000 --log-every 1 --repeats 3   # every step logged
 
-The run is synthetic but laid out as Lightning's ``CSVLogger`` writes it: one column per key (sorted, ``epoch`` and
-``step`` among them) and sparse rows, one per ``log_metrics`` call, each holding only the keys logged together
+The run is synthetic but laid out as Lightning's ``CSVLogger`` writes it (with the ``csv`` module: ``\\r\\n`` line
+ends): one column per key (sorted, ``epoch`` and ``step`` among them) and sparse rows, one per ``log_metrics`` call, each holding only the keys logged together
 (training keys on logging steps, the curvature probe every 1200 steps, validation keys once an epoch). The keys
 are those traincraft's callbacks log for the default recipe's model (``convnet`` with channels 32/64/128 and
 BatchNorm, AdamW) with every monitor on: ``GradientClipping`` (per-tensor norms and the depth profile),
@@ -71,6 +71,8 @@ def _curve(key: str, steps: np.ndarray, total: int, rng: np.random.Generator) ->
     """A plausible value of ``key`` at ``steps``: a trend from the key's meaning, times or plus noise."""
     t = steps / max(total, 1)
     noise = rng.standard_normal(steps.shape)
+    if key.startswith("val/") or key.endswith("_epoch"):
+        noise = noise / 10  # averaged over an epoch
     lr = 3e-3 * 0.5 * (1 + np.cos(np.pi * t))
     if key == _LR:
         return lr
@@ -147,9 +149,9 @@ def write_run(path: Path, steps: int, log_every: int, steps_per_epoch: int, seed
     integer = {where["step"], where["epoch"]}
     text = [[("" if v != v else str(int(v)) if j in integer else repr(v)) for v in table[:, j].tolist()]
             for j in range(len(columns))]
-    with path.open("w", encoding="utf-8") as out:
-        out.write(",".join(columns) + "\n")
-        out.writelines(",".join(row) + "\n" for row in zip(*text, strict=True))
+    with path.open("w", encoding="utf-8", newline="") as out:  # csv's line ending, as CSVLogger writes it
+        out.write(",".join(columns) + "\r\n")
+        out.writelines(",".join(row) + "\r\n" for row in zip(*text, strict=True))
     return table.shape[0], len(columns)
 
 
