@@ -128,6 +128,14 @@ def test_a_run_directory_is_searched_and_the_newest_run_is_named():
     assert find_run("runs/tb")[0] == "tensorboard"
 
 
+def test_csv_with_a_long_header_and_crlf_line_ends():
+    keys = [f"covshift/train/model.blocks.{i}.act/mean" for i in range(200)]  # a header of ~8 kB
+    Path("metrics.csv").write_bytes(("epoch,step," + ",".join(keys) + "\r\n" + "0,5" + ",1.5" * 199 + ",\r\n"
+                                     + "0,6" + "," * 200 + "2.5\r\n").encode())
+    run = read_run("metrics.csv")
+    assert run.series[keys[0]].steps.tolist() == [5] and run.series[keys[-1]].values.tolist() == [2.5]
+
+
 def test_csv_cells_empty_nan_quoted_and_runs_of_empty_cells():
     Path("metrics.csv").write_text(
         'epoch,step,"a,b",loss,x,y\r\n'

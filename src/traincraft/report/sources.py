@@ -113,7 +113,10 @@ def read_csv(path: str | Path) -> RunMetrics:
     if not data.strip():
         raise ValueError(f"{str(path)!r} is empty: the run logged nothing. Log at least one metric (self.log) and "
                          "check trainer.log_every_n_steps against the number of steps.")
-    head, _, body = (data.replace(b"\r\n", b"\n") if b"\r" in data[:4096] else data).partition(b"\n")
+    first_end = data.find(b"\n")
+    if first_end > 0 and data[first_end - 1:first_end] == b"\r":  # the csv module's "\r\n" line ends
+        data = data.replace(b"\r\n", b"\n")
+    head, _, body = data.partition(b"\n")
     header = next(csv.reader([head.decode("utf-8", errors="replace")]))  # keys may be quoted
     if "step" not in header:
         raise ValueError(f"{str(path)!r} is not a Lightning CSVLogger metrics file: its header "
