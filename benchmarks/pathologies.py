@@ -4,8 +4,8 @@ Each pathology is a small CPU fit (a real ``Trainer`` on the 8×8 digits, the tr
 a ``CSVLogger``); the run's ``metrics.csv`` is read back and diagnosed with
 :func:`traincraft.report.diagnoses.diagnose`. A pathology is *detected* when the expected rule fires, with the
 expected layer (or a step range covering the induced steps) where that applies. Healthy runs are the shipped
-recipes with the monitors on, and the pathologies' MLP at a sane rate with all their monitors; any diagnosis
-there is a *false alarm*.
+recipes with the monitors on, the pathologies' MLP at a sane rate with all their monitors, and the straggler's
+two-process run without the slow rank; any diagnosis there is a *false alarm*.
 
     .venv/bin/python benchmarks/pathologies.py [--only NAME ...] [--quick] [--keep DIR]
 
@@ -217,30 +217,47 @@ def shifted_validation(out: Path) -> Expect:
     return Expect("data_drift")
 
 
-def straggler(out: Path) -> Expect:
-    """Two gloo processes with DataParallelStrategy; rank 1 sleeps 40 ms in every training step."""
+def _two_processes(out: Path, sleep_s: float) -> None:
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(29500 + os.getpid() % 1000), __file__, "--ddp-worker", str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+               str(29500 + os.getpid() % 1000), __file__, "--ddp-worker", str(out), "--sleep", str(sleep_s)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     if done.returncode:
         raise RuntimeError(f"the 2-process run failed:\n{done.stderr[-3000:]}")
+
+
+SLOW_RANK_SLEEP = 0.1
+
+
+def straggler(out: Path) -> Expect:
+    """Two gloo processes with DataParallelStrategy; rank 1 sleeps 100 ms in every training step."""
+    _two_processes(out, SLOW_RANK_SLEEP)
     return Expect("straggler")
 
 
+def healthy_ddp(out: Path) -> Expect:
+    """The same two processes, no rank slower: nothing may fire."""
+    _two_processes(out, 0.0)
+    return Expect(None)
+
+
 class _SlowRank(ImageClassifier):
+    def __init__(self, *args: Any, sleep_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sleep_s = sleep_s
+
     def training_step(self, batch, batch_idx):
-        if self.global_rank == 1:
-            time.sleep(0.04)
+        if self.global_rank == 1 and self.sleep_s:
+            time.sleep(self.sleep_s)
         return super().training_step(batch, batch_idx)
 
 
-def _ddp_worker(out: Path) -> None:
+def _ddp_worker(out: Path, sleep_s: float) -> None:
     from traincraft.strategies import DataParallelStrategy
 
     pl.seed_everything(0)
     model = _SlowRank("mlp", num_classes=10, in_channels=1, input_size=8, model_kwargs={"hidden": [64]},
-                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
+                      optimizer=lambda p: torch.optim.SGD(p, lr=0.1), sleep_s=sleep_s)
     trainer(out, [], 60, devices=2, strategy=DataParallelStrategy(), log_every_n_steps=5).fit(
         model, datamodule=digits(batch_size=16))
 
@@ -335,16 +352,17 @@ def describe(d: Diagnosis) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"runs to do: {', '.join(PATHOLOGIES)}, "
-                        f"healthy_mlp, {', '.join(RECIPES)}")
+                        f"healthy_mlp, healthy_ddp, {', '.join(RECIPES)}")
     parser.add_argument("--quick", action="store_true", help="healthy recipes for 2 epochs only")
     parser.add_argument("--keep", type=Path, help="keep each run's files under this folder")
     parser.add_argument("--ddp-worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--sleep", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.ddp_worker:
-        _ddp_worker(args.ddp_worker)
+        _ddp_worker(args.ddp_worker, args.sleep)
         return
     runs: dict[str, Callable[[Path], Expect]] = dict(PATHOLOGIES)
-    runs["healthy_mlp"] = healthy_mlp
+    runs["healthy_mlp"], runs["healthy_ddp"] = healthy_mlp, healthy_ddp
     runs.update({name: healthy(name, 2 if args.quick else None) for name in RECIPES})
     names = args.only or list(runs)
     unknown = [n for n in names if n not in runs]

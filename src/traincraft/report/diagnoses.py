@@ -87,8 +87,9 @@ DEAD_FRACTION = 0.95
 SATURATED_FRACTION = 0.5
 #: Consecutive validation checks that must declare drift.
 DRIFT_CONSECUTIVE = 2
-#: Median ``ddp/step_time_spread`` (slowest over median rank) above which one rank holds the others back.
-STRAGGLER_SPREAD = 1.5
+#: Median ``ddp/step_time_spread`` (slowest over median rank) above which one rank holds the others back. With
+#: two ranks the median is their mean: 1.3 means the slow one takes 1.86× as long as the fast one.
+STRAGGLER_SPREAD = 1.3
 #: Relative rise of the validation loss above its minimum, while the training loss keeps falling.
 OVERFIT_RISE = 0.1
 
@@ -490,7 +491,7 @@ def straggler(run: RunMetrics) -> list[Diagnosis]:
     extra = f"; slowest rank {float(np.median(slow.values)) * 1e3:.3g} ms per step" if slow is not None else ""
     return [Diagnosis(
         rule="straggler", title="Straggler rank in data-parallel training", severity="problem",
-        confidence=min(1.0, 0.6 + 0.2 * (median - STRAGGLER_SPREAD)),
+        confidence=min(1.0, 0.6 + (median - STRAGGLER_SPREAD)),
         evidence=(f"ddp/step_time_spread (slowest / median rank busy time) median {median:.2f} over "
                   f"{len(spread)} logs, steps {int(spread.steps[0])}–{int(spread.steps[-1])}, above "
                   f"{STRAGGLER_SPREAD}{extra}: every all-reduce waits for the slowest rank."),
