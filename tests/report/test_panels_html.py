@@ -49,6 +49,7 @@ def _all_signals() -> RunMetrics:
         return 1.0 + x / 100
 
     keys = {"train/loss": lambda x: 2 * np.exp(-x / 50), "val/acc": lambda x: 1 - np.exp(-x / 50),
+            "val/acc_top5_epoch": lambda x: 1 - np.exp(-x / 20),
             "lr-SGD": lambda x: np.full(len(x), 0.1), "lr-SGD-update_ratio": lambda x: 1e-3 + 0 * x,
             "lr-SGD-update_cosine": np.sin, "grad/norm_pre": ramp, "grad/norm_post": ramp,
             "grad/clipped_frac": lambda x: x % 2, "grad/skipped_steps": lambda x: x // 50,
@@ -85,6 +86,7 @@ def test_every_panel_draws_from_its_keys(drawn):
     assert "covshift/train/model.1.act/sat_frac" in by_name["dead_saturated"].keys
     assert "covshift/train/model.0.norm/bn_var_ratio" in by_name["activations"].keys
     assert by_name["throughput"].keys == ("train/samples_per_sec", "train|device|mfu")
+    assert by_name["loss_accuracy"].keys == ("train/loss", "val/acc", "val/acc_top5_epoch")
 
 
 def test_a_run_without_signals_names_the_callback_for_each_panel():

@@ -158,7 +158,7 @@ def _stacked(run: RunMetrics, name: str, title: str, groups: Sequence[tuple[str,
 def loss_accuracy(run: RunMetrics) -> Panel | None:
     """Training and validation loss and accuracy (``ImageClassifier``'s ``stage/loss``, ``stage/acc``)."""
     def of(metric: str) -> list[str]:
-        return [k for k in run.series if re.fullmatch(rf"(train|val|test)/{metric}(_step|_epoch|_top5)?", k)]
+        return [k for k in run.series if re.fullmatch(rf"(train|val|test)/{metric}(_top5)?(_step|_epoch)?", k)]
 
     losses, accs = sorted(of("loss"), key=_natural), sorted(of("acc"), key=_natural)
     if not losses and not accs:
