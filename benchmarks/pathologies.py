@@ -368,9 +368,10 @@ def main() -> None:
     unknown = [n for n in names if n not in runs]
     if unknown:
         parser.error(f"unknown run(s) {', '.join(unknown)}; choose from {', '.join(runs)}")
-    results = [run_one(name, runs[name], args.keep) for name in names]
-    print("\n| run | expected | report says | verdict | fit s |\n|---|---|---|---|---|")
-    for r in results:
+    print("\n| run | expected | report says | verdict | fit s |\n|---|---|---|---|---|", flush=True)
+    results = []
+    for name in names:  # each row as soon as its run ends: a long suite shows what it has
+        results.append(r := run_one(name, runs[name], args.keep))
         expected = r["expect"].rule or "nothing (healthy)"
         if r["expect"].layer:
             expected += f" on {r['expect'].layer}"
@@ -381,7 +382,7 @@ def main() -> None:
             "clean" if r["found"] else "FALSE ALARM")
         if r["error"]:
             expected, verdict = "—", "RUN FAILED"
-        print(f"| {r['name']} | {expected} | {said} | {verdict} | {r['seconds']:.1f} |")
+        print(f"| {r['name']} | {expected} | {said} | {verdict} | {r['seconds']:.1f} |", flush=True)
     sick = [r for r in results if r["name"] in PATHOLOGIES]
     well = [r for r in results if r["name"] not in PATHOLOGIES]
     print(f"\ndetected/induced: {sum(r['found'] for r in sick)}/{len(sick)}; "
