@@ -16,12 +16,12 @@ so no port is opened and nothing beyond Python's standard library is needed.
 from __future__ import annotations
 
 import base64
-import fcntl
 import io
 import json
 import os
 import queue
 import shutil
+import signal
 import subprocess
 import tempfile
 import threading
@@ -51,19 +51,15 @@ class _Browser:
         self._profile = tempfile.mkdtemp(prefix="traincraft-chromium-")
         to_child_r, self._to_child = os.pipe()
         self._from_child, from_child_w = os.pipe()
-
-        def place_pipes() -> None:  # in the child: the protocol pipes at fds 3 and 4, as Chromium expects
-            r = fcntl.fcntl(to_child_r, fcntl.F_DUPFD, 10)  # above 4, so the dup2s cannot clobber each other
-            w = fcntl.fcntl(from_child_w, fcntl.F_DUPFD, 10)
-            os.dup2(r, 3)
-            os.dup2(w, 4)
-
-        args = [executable, "--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu",
-                "--no-first-run", "--no-default-browser-check", "--disable-extensions", "--disable-sync",
-                "--disable-background-networking", "--disable-component-update", "--mute-audio",
-                f"--user-data-dir={self._profile}", "--hide-scrollbars", "about:blank"]
-        self._process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, preexec_fn=place_pipes, close_fds=False)
+        args = ["--headless=new", "--remote-debugging-pipe", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                "--no-default-browser-check", "--disable-extensions", "--disable-sync", "--disable-background-networking",
+                "--disable-component-update", "--mute-audio", f"--user-data-dir={self._profile}", "--hide-scrollbars",
+                "about:blank"]
+        # Chromium expects the protocol pipes at fds 3 and 4. The pipes go in as stdin/stdout and the shell moves
+        # them there (no preexec_fn, which is unsafe in a process with threads).
+        self._process = subprocess.Popen(
+            ["/bin/sh", "-c", 'exec "$0" "$@" 3<&0 4>&1 </dev/null >/dev/null', executable, *args],
+            stdin=to_child_r, stdout=from_child_w, stderr=subprocess.DEVNULL, start_new_session=True)
         os.close(to_child_r)
         os.close(from_child_w)
         self._next_id = 0
@@ -161,8 +157,8 @@ class _Browser:
         try:
             os.close(self._to_child)  # Chromium exits when its command pipe closes
             self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
+        except subprocess.TimeoutExpired:  # its own session: the browser's helper processes go with it
+            os.killpg(self._process.pid, signal.SIGKILL)
             self._process.wait(timeout=10)
         finally:
             os.close(self._from_child)
