@@ -398,7 +398,8 @@ def vanishing_gradients(run: RunMetrics) -> list[Diagnosis]:
                 f"(`lr_multipliers: {{\"{_module_glob(layer)}\": 10.0}}` on ImageClassifier)."),
         theory="SLIDE 32–34 (the Jacobian of a deep composition is a product of per-layer Jacobians); "
                "SLIDE 24 (lower layers need larger rates); Glorot & Bengio 2010.",
-        steps=(int(source.steps[0]), int(source.steps[-1])) if source is not None else None, keys=tuple(keys),
+        steps=(int(_tail(source).steps[0]), int(source.steps[-1])) if source is not None else None,
+        keys=tuple(keys),
         layer=layer, value=ratio if ratio is not None else slope_value,
         threshold=VANISHING_RATIO if ratio is not None else DEPTH_SLOPE_VANISHING)]
 
