@@ -39,8 +39,10 @@ def run(seed: int, extra: list[str]) -> dict[str, float]:
         done = subprocess.run(
             [sys.executable, str(ROOT / "examples" / "demo.py"), f"--seed_everything={seed}",
              "--trainer.enable_progress_bar=false", *extra],
-            cwd=work, env=env, capture_output=True, text=True, check=True,
+            cwd=work, env=env, capture_output=True, text=True,
         )
+        if done.returncode != 0:
+            sys.exit(f"seed {seed} {' '.join(extra)}: the demo failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
         process = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
     acc = float(re.search(r"test accuracy\s*:\s*([\d.]+)%", done.stdout).group(1))

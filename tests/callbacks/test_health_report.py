@@ -162,3 +162,18 @@ def test_no_per_step_hooks():
     per_step = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
                 "on_before_optimizer_step", "on_before_zero_grad", "on_validation_batch_end")
     assert all(getattr(HealthReport, hook) is getattr(Callback, hook) for hook in per_step)
+
+
+def test_a_report_that_cannot_be_built_warns_and_the_fit_still_ends(tmp_path, monkeypatch):
+    import traincraft.report
+
+    def unreadable(source, out_dir=None):
+        raise ValueError(f"{source} is garbled")
+
+    monkeypatch.setattr(traincraft.report, "build_report", unreadable)
+    callback = HealthReport(verbose=False)
+    with pytest.warns(UserWarning, match=r"could not be written \(.*metrics\.csv is garbled\)\. The fit finished"):
+        trainer = _fit([callback], logger=CSVLogger(str(tmp_path), name="run"), max_steps=4)
+    assert trainer.global_step == 4 and callback.report is None
+    with pytest.raises(ValueError, match="garbled"):  # with fail_on the verdict is needed: no report is an error
+        _fit([HealthReport(fail_on="problem")], logger=CSVLogger(str(tmp_path), name="gate"), max_steps=4)

@@ -111,8 +111,16 @@ class HealthReport(Callback):
             )
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.on == "fit_end":
+        if self.on != "fit_end":
+            return
+        if self.fail_on is not None:  # the gate needs the verdict: a report that cannot be built is an error
             self.write(trainer)
+            return
+        try:
+            self.write(trainer)
+        except (ValueError, OSError) as error:  # the fit itself succeeded: say why there is no report, keep going
+            rank_zero_warn(f"HealthReport: the report could not be written ({error}). The fit finished; retry with "
+                           "`traincraft report <the run's metrics.csv or log folder>`.")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         if (self.on != "fit_end" or trainer.state.fn != "fit" or self._source_logger(trainer) is None
