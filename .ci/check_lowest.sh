@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # CI: the lowest versions pyproject.toml allows still work. Installs into a separate virtual environment
-# (.venv-lowest/, git-ignored; rebuilt when pyproject.toml or constraints-lowest.txt change) torch 2.13.0 (the CPU
-# build, the only one installable here) and the lowest lightning, torchmetrics, kornia and jsonargparse
-# (constraints-lowest.txt), then traincraft itself (a wheel, not editable) with the dev extra, and runs the tests
-# against the installed package: every test directory (each package of src/traincraft has one) with -m "not slow",
-# no doctests (they import src/, not the installed wheel; `make test` runs them). About 4-6 minutes on 2 cores plus
-# the install (1-2 minutes with a warm pip cache). Needs only Python 3.10+ and pip's index.
-# Usage: .ci/check_lowest.sh [extra pytest arguments, e.g. -x or a test path to narrow the run]
+# (.venv-lowest/, git-ignored; rebuilt when pyproject.toml, constraints-lowest.txt or this script change) torch
+# 2.13.0 (the CPU build, the only one installable here) and the lowest lightning, torchmetrics, kornia and
+# jsonargparse (constraints-lowest.txt), then traincraft itself (a wheel built from the checkout, not editable) with
+# the dev extra, and runs the tests against the installed package: every test directory (each package of
+# src/traincraft has one) with -m "not slow and not gpu", no doctests (they import src/, not the installed wheel;
+# `make test` runs them); litdata is not installed, so the streaming tests skip. Needs only Python 3.10+ and pip's
+# index. Usage: .ci/check_lowest.sh [extra pytest arguments, e.g. -x or -k EXPR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
