@@ -155,6 +155,13 @@ def test_csv_cells_empty_nan_quoted_and_runs_of_empty_cells():
     assert run.series["loss"].finite().values.tolist() == [-1e-3]
 
 
+def test_csv_cells_the_fast_parser_cannot_read_are_read_cell_by_cell():
+    Path("metrics.csv").write_text('epoch,step,loss,acc\n0,1," 2.5",\n0,2,,"0.75"\n')  # quoted values
+    run = read_run("metrics.csv")
+    assert run.series["loss"].steps.tolist() == [1] and run.series["loss"].values.tolist() == [2.5]
+    assert run.series["acc"].steps.tolist() == [2] and run.series["acc"].values.tolist() == [0.75]
+
+
 @pytest.mark.parametrize(("content", "error", "message"), [
     ("", ValueError, "is empty: the run logged nothing"),
     ("epoch,loss\n0,1\n", ValueError, "has no 'step' column"),

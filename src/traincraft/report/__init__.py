@@ -10,7 +10,8 @@ and ``diagnoses.json``. From the shell: ``traincraft report RUN``; during a fit:
 
 from traincraft.report._data import Diagnosis, RunMetrics, Series
 from traincraft.report.build import Report, build_report
+from traincraft.report.diagnoses import diagnose
 from traincraft.report.panels import Panel
 from traincraft.report.sources import read_run
 
-__all__ = ["Diagnosis", "Panel", "Report", "RunMetrics", "Series", "build_report", "read_run"]
+__all__ = ["Diagnosis", "Panel", "Report", "RunMetrics", "Series", "build_report", "diagnose", "read_run"]

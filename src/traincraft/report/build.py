@@ -8,21 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from traincraft.report._data import Diagnosis, RunMetrics
+from traincraft.report.diagnoses import diagnose
 from traincraft.report.html import render_html
 from traincraft.report.panels import PANELS, Panel, draw_panels
 from traincraft.report.sources import read_run
 
 _SEVERITY_ORDER = {"problem": 0, "warning": 1, "info": 2}
-
-
-def _diagnose(run: RunMetrics) -> list[Diagnosis]:
-    try:
-        from traincraft.report.diagnoses import diagnose
-    except ModuleNotFoundError as error:  # the rules module is optional for the core; a broken one is not
-        if error.name != "traincraft.report.diagnoses":
-            raise
-        return []
-    return list(diagnose(run))
 
 
 def _json_safe(value: object) -> object:
@@ -102,7 +93,7 @@ def build_report(source: str | Path, out_dir: str | Path | None = None) -> Repor
         (['loss_accuracy'], 'report.html')
     """
     run = read_run(source)
-    diagnoses = sorted(_diagnose(run), key=lambda d: (_SEVERITY_ORDER.get(d.severity, 3), -d.confidence))
+    diagnoses = sorted(list(diagnose(run)), key=lambda d: (_SEVERITY_ORDER.get(d.severity, 3), -d.confidence))
     panels, left_out = draw_panels(run)
     report = Report(run, diagnoses, panels, left_out)
     if out_dir is not None:

@@ -270,7 +270,10 @@ def sharpness(run: RunMetrics) -> Panel | None:
     used: list[str] = []
     for ax, (subtitle, keys) in zip(axes, rows, strict=True):
         # the monitor logs its last probe again at every logging step: steps, not slopes, between probes
-        used += _plot(ax, run, keys, log=False, drawstyle="steps-post")
+        # η·λ_max spans decades (Adam's first probes sit thousands of times above its threshold): a log axis
+        # when it does, so the threshold line stays visible; λ_min is signed, linear
+        log = None if keys[0] == "curvature/eta_lambda" else False
+        used += _plot(ax, run, keys, log=log, drawstyle="steps-post")
         if keys[0] == "curvature/eta_lambda" and "curvature/threshold" not in run:
             ax.axhline(2.0, color="crimson", linestyle="--", linewidth=1, label="2 (SGD)")
             ax.legend(fontsize=7)

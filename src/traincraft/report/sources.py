@@ -146,9 +146,8 @@ def read_csv(path: str | Path) -> RunMetrics:
         body += b"nan"
     try:
         table = np.loadtxt(io.BytesIO(body), delimiter=",", dtype=np.float64, ndmin=2, encoding=None)
-    except ValueError as error:
-        raise ValueError(f"{str(path)!r} is garbled ({error}). Lightning's CSVLogger writes a number or nothing in "
-                         "each cell; was the file edited or cut short?") from None
+    except ValueError:
+        table = _parse_slowly(path, data, len(header))  # the fast path's byte rewrites missed a layout: cell by cell
     step_col = table[:, header.index("step")]
     has_step = ~empty[:, header.index("step")] & np.isfinite(step_col)
     steps = step_col[has_step].astype(np.int64)
@@ -157,6 +156,22 @@ def read_csv(path: str | Path) -> RunMetrics:
         if key != "step" and present[:, column].any():
             series[key] = _series(key, steps[present[:, column]], table[present[:, column], column])
     return RunMetrics(series, "csv", path)
+
+
+def _parse_slowly(path: Path, data: bytes, width: int) -> np.ndarray:
+    """The body of a metrics file parsed with the csv module, cell by cell (an empty cell is NaN); slow but exact."""
+    rows = [row for row in csv.reader(io.StringIO(data.decode("utf-8", errors="replace"))) if row][1:]
+    table = np.full((len(rows), width), np.nan)
+    for index, row in enumerate(rows):
+        for column, cell in enumerate(row):
+            if cell:
+                try:
+                    table[index, column] = float(cell)
+                except ValueError:
+                    raise ValueError(f"{str(path)!r} is garbled: row {index + 1}, column {column + 1} holds {cell!r}, "
+                                     "not a number. Lightning's CSVLogger writes a number or nothing in each cell; "
+                                     "was the file edited or cut short?") from None
+    return table
 
 
 def read_tensorboard(path: str | Path) -> RunMetrics:
