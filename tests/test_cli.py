@@ -216,6 +216,18 @@ class ExplodingNet(torch.nn.Module):
         raise RuntimeError("boom in forward")
 
 
+def test_a_monitor_of_the_recipe_that_refuses_a_users_model_says_how_to_run_without_the_monitors(capsys):
+    # ExplodingNet has no activation modules: the recipe's CovariateShiftMonitor refuses it before training
+    args = ["fit", "--model.init_args.model=tests.test_cli.ExplodingNet", "--data.init_args.image_size=8",
+            "--trainer.logger=false", "--trainer.max_steps=1", *QUICK]
+    with pytest.raises(SystemExit) as raised:
+        main(args)
+    err = capsys.readouterr().err
+    assert raised.value.code == 2 and "Traceback" not in err
+    assert "CovariateShiftMonitor: ImageClassifier has no activation or normalization modules" in err
+    assert "--trainer.callbacks=[] for a plain Lightning fit" in err
+
+
 def test_an_internal_error_keeps_its_traceback_and_names_the_debug_switch(capsys, monkeypatch):
     # no monitors: DataDriftMonitor checks the model on the first batch and reports a failing forward as a
     # configuration error (exit 2); this test is about an error that reaches the CLI as it was raised

@@ -504,6 +504,16 @@ def _raised_in(error: BaseException, packages: tuple[str, ...]) -> bool:
     return bool(frames) and any(f"{os.sep}{package}{os.sep}" in frames[-1].filename for package in packages)
 
 
+def _raised_in_callback(error: BaseException) -> bool:
+    """Whether a traincraft callback raised ``error`` (or one it was raised from)."""
+    while error is not None:
+        folder = f"{os.sep}traincraft{os.sep}callbacks{os.sep}"
+        if any(folder in frame.filename for frame in traceback.extract_tb(error.__traceback__)):
+            return True
+        error = error.__cause__
+    return False
+
+
 def _user_message(error: BaseException) -> Optional[str]:
     """The message for an error the user can fix, or None for an internal error."""
     import argparse
@@ -589,6 +599,9 @@ def main(args: Optional[ArgsType] = None) -> None:
             raise SystemExit(1) from error
         message = _user_message(error)
         if message is not None:
+            if _raised_in_callback(error):
+                message += ("\nThe recipes turn on traincraft's monitors (trainer.callbacks); configure the one named "
+                            "above, or pass --trainer.callbacks=[] for a plain Lightning fit without them.")
             print(f"traincraft: error: {message}", file=sys.stderr)
             raise SystemExit(2) from error
         traceback.print_exception(error)

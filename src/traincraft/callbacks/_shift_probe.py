@@ -72,7 +72,7 @@ def select_layers(root: nn.Module, patterns: Optional[Sequence[str]]) -> list[tu
         chosen = [(name, m) for name, m in named if is_default_layer(m)]
         if not chosen:
             raise ValueError(
-                f"{type(root).__name__} has no activation or normalization modules to monitor (functional "
+                f"CovariateShiftMonitor: {type(root).__name__} has no activation or normalization modules to monitor (functional "
                 "activations cannot be hooked). Pass layers=[...] with module names or type names, e.g. "
                 f"{[n for n, _ in named[:4]]}."
             )
