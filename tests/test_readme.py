@@ -33,3 +33,17 @@ def test_yaml_quick_start_runs(tmp_path):
     cli = TraincraftCLI(args=["fit", f"--config={config}", "--trainer.max_steps=2", "--trainer.limit_val_batches=1",
                               "--trainer.logger=false", "--trainer.enable_progress_bar=false"])
     assert type(cli.model.model).__name__ == "TwoColumnAlexNet" and cli.trainer.global_step == 2
+
+
+def test_report_quick_start_runs_on_a_run_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "runs" / "csv" / "version_0"
+    run.mkdir(parents=True)
+    rows = "".join(f"0,{step},{2.3 * 0.9 ** step:.4f}\n" for step in range(0, 50, 5))
+    (run / "metrics.csv").write_text("epoch,step,train/loss\n" + rows)
+    code = _block("python", "build_report")
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["report"].run.path.resolve() == run / "metrics.csv"
+    assert (tmp_path / "runs" / "report" / "report.html").is_file()
+    assert (tmp_path / "runs" / "report" / "panels" / "loss_accuracy.png").is_file()
