@@ -26,6 +26,7 @@ def fitted(tmp_path_factory):
     previous = Path.cwd()
     os.chdir(root)
     try:
+        wandb.teardown()  # a fresh W&B service: one an earlier test left behind may not write this run's file
         cli = TraincraftCLI(args=["fit", *TINY])
         wandb.finish()
     finally:

@@ -86,6 +86,13 @@ def test_on_demand_writes_only_when_asked(tmp_path):
     assert html == tmp_path / "report" / "report.html" and html.is_file()
 
 
+@pytest.fixture(autouse=True)
+def _no_wandb_run_left_open():
+    """A W&B run left open would be reused by the next test's WandbLogger (Lightning reuses ``wandb.run``)."""
+    yield
+    wandb.finish()
+
+
 def _finished_records(run_dir, timeout=60.0):
     """The records of a finished W&B run: its service may still be writing the file when finish() returns."""
     deadline = time.monotonic() + timeout

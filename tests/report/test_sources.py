@@ -89,6 +89,9 @@ def _assert_matches(run: RunMetrics, reference: dict[str, list[tuple[int, float]
 
 
 def test_csv_tensorboard_and_wandb_readers_give_back_what_the_trainer_logged():
+    import wandb
+
+    wandb.teardown()  # a fresh W&B service: one an earlier test left behind may not write this run's file
     recorder = Recorder()
     csv_logger = CSVLogger("runs", name="csv")
     tb_logger = TensorBoardLogger("runs", name="tb", default_hp_metric=False)
