@@ -7,10 +7,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import Logger
+from lightning.pytorch.utilities import rank_zero_only
 
 SYNC_METHODS = ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 # torch functions that return a host value computed from device tensors
@@ -142,3 +145,26 @@ class SyncWindow(Callback):
     def on_train_batch_end(self, trainer, *args) -> None:
         self.enabled[0] = False
         self.counts[trainer.global_step] = dict(self.current)
+
+
+class MemoryLogger(Logger):
+    """Keeps every ``log_metrics`` call (rank 0 only, as Lightning's loggers do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[tuple[Optional[int], dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> str:
+        return "0"
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
+        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass

@@ -13,12 +13,11 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import Logger
-from lightning.pytorch.utilities import rank_zero_only
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from tests.compat.zoo import TinyLM, build, compile_inner
+from tests.helpers import MemoryLogger
 from traincraft.callbacks import (
     CovariateShiftMonitor,
     CurvatureMonitor,
@@ -34,29 +33,6 @@ CLIP = 0.05
 DRIFT_SAMPLES = 16
 DRIFT_LAYER = "model.transformer.encoder"
 SEQUENCE_NORMS = (nn.LayerNorm,)
-
-
-class MemoryLogger(Logger):
-    """Keeps every ``log_metrics`` call (rank 0 only, as Lightning's loggers do)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[Optional[int], dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    @property
-    def version(self) -> str:
-        return "0"
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
 
 
 def make_callback(name: str, model: str) -> Callback:

@@ -15,39 +15,19 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import tiny_trainer
+from tests.helpers import MemoryLogger, tiny_trainer
 from traincraft.loggers import WandbLogger
 from traincraft.report import RunMetrics, read_run
 from traincraft.report.sources import find_run
 
 
-class Recorder(Logger):
-    """The reference: every ``log_metrics`` call the trainer made, in memory."""
-
-    def __init__(self):
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self):
-        return "recorder"
-
-    @property
-    def version(self):
-        return 0
-
-    def log_hyperparams(self, params, *args, **kwargs):
-        pass
-
-    def log_metrics(self, metrics, step=None):
-        self.rows.append((step, {k: float(v) for k, v in metrics.items()}))
-
-    def expected(self) -> dict[str, list[tuple[int, float]]]:
-        out: dict[str, list[tuple[int, float]]] = {}
-        for step, metrics in self.rows:
-            for key, value in metrics.items():
-                out.setdefault(key, []).append((step, value))
-        return out
+def _by_key(rows: list[tuple[int, dict[str, float]]]) -> dict[str, list[tuple[int, float]]]:
+    """The reference: every ``log_metrics`` call the trainer made, regrouped by key as ``(step, value)``."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for step, metrics in rows:
+        for key, value in metrics.items():
+            out.setdefault(key, []).append((step, value))
+    return out
 
 
 class Logs(LightningModule):
@@ -92,7 +72,7 @@ def test_csv_tensorboard_and_wandb_readers_give_back_what_the_trainer_logged():
     import wandb
 
     wandb.teardown()  # a fresh W&B service: one an earlier test left behind may not write this run's file
-    recorder = Recorder()
+    recorder = MemoryLogger()
     csv_logger = CSVLogger("runs", name="csv")
     tb_logger = TensorBoardLogger("runs", name="tb", default_hp_metric=False)
     wandb_logger = WandbLogger(save_dir="runs", project="test")
@@ -101,7 +81,7 @@ def test_csv_tensorboard_and_wandb_readers_give_back_what_the_trainer_logged():
 
     wandb.finish()
     wandb.teardown()  # the service has written the whole run file once it is gone
-    reference = recorder.expected()
+    reference = _by_key(recorder.rows)
     assert len(reference["a"]) == 12 and math.isnan(reference["c"][0][1]) and len(reference["val/b"]) == 2
 
     csv_run = read_run(Path(csv_logger.log_dir) / "metrics.csv")
