@@ -313,15 +313,24 @@ def _covshift_layers(run: RunMetrics, stat: str) -> tuple[list[str], list[str]]:
     return keys, [k[len(f"covshift/{stage}/"):-len(stat) - 1] for k in keys]
 
 
+def _covshift_maps(run: RunMetrics, stats: Sequence[str]) -> list[tuple[str, list[str], list[str]]]:
+    """``(stat, keys, layer names)`` for each statistic the run logged per layer."""
+    maps = [(stat, *_covshift_layers(run, stat)) for stat in stats]
+    return [m for m in maps if m[1]]
+
+
+def _heat_figure(maps: list[tuple[str, list[str], list[str]]]):
+    """One heat-map row per statistic, tall enough for the layer names of the longest."""
+    return _figure(len(maps), height=max(2.6, 0.16 * max(len(m[1]) for m in maps) + 1.2))
+
+
 def activations(run: RunMetrics) -> Panel | None:
     """Per-layer input mean, standard deviation, drift between logs and BatchNorm's batch/running variance ratio as
     heat maps, layers × steps (``CovariateShiftMonitor``)."""
-    maps = [(stat, *_covshift_layers(run, stat)) for stat in ("mean", "std", "w2_drift", "bn_var_ratio")]
-    maps = [m for m in maps if m[1]]
+    maps = _covshift_maps(run, ("mean", "std", "w2_drift", "bn_var_ratio"))
     if not maps:
         return None
-    height = max(2.6, 0.16 * max(len(m[1]) for m in maps) + 1.2)
-    fig, axes = _figure(len(maps), height=height)
+    fig, axes = _heat_figure(maps)
     used: list[str] = []
     for ax, (stat, keys, layers) in zip(axes, maps, strict=True):
         steps, matrix = _layer_matrix(run, keys)
@@ -339,12 +348,10 @@ def activations(run: RunMetrics) -> Panel | None:
 
 def dead_saturated(run: RunMetrics) -> Panel | None:
     """Fraction of dead (ReLU ≤ 0) and saturated (tanh/sigmoid) inputs per layer over steps."""
-    maps = [(stat, *_covshift_layers(run, stat)) for stat in ("dead_frac", "sat_frac")]
-    maps = [m for m in maps if m[1]]
+    maps = _covshift_maps(run, ("dead_frac", "sat_frac"))
     if not maps:
         return None
-    height = max(2.6, 0.16 * max(len(m[1]) for m in maps) + 1.2)
-    fig, axes = _figure(len(maps), height=height)
+    fig, axes = _heat_figure(maps)
     used: list[str] = []
     for ax, (stat, keys, layers) in zip(axes, maps, strict=True):
         steps, matrix = _layer_matrix(run, keys)
