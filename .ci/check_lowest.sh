@@ -16,7 +16,23 @@ START=$SECONDS
 step() { printf '[check_lowest %3ds] %s\n' "$((SECONDS - START))" "$*"; }
 fail() { printf '[check_lowest] FAILED: %s\n' "$*" >&2; exit 1; }
 
+# traincraft itself, built in a copy of the checkout (pip's in-tree build would leave build/ and src/*.egg-info in
+# it); reinstalled without its dependencies whenever the source changes, so a reused environment tests this checkout.
+install_traincraft() {
+    local extra=$1 src log
+    shift
+    src=$(mktemp -d "${TMPDIR:-/tmp}/traincraft-lowest-src.XXXXXX")
+    log=$(mktemp "${TMPDIR:-/tmp}/traincraft-lowest-pip.XXXXXX")
+    git ls-files -z --cached --others --exclude-standard \
+        | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
+        | tar --null -T - -cf - | tar -xf - -C "$src"
+    "$VPY" -m pip install --quiet -c constraints-lowest.txt "$@" "$src$extra" >"$log" 2>&1 \
+        || { tail -30 "$log"; fail "pip install traincraft"; }
+    rm -rf "$src" "$log"
+}
+
 STAMP="$VENV/.installed"
+SRCSUM=$(git ls-files -z --cached --others --exclude-standard src | xargs -0 cat | sha256sum | cut -c1-16)
 WANT=$(cat pyproject.toml constraints-lowest.txt "$0" | sha256sum | cut -c1-16)
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     step "fresh virtual environment $VENV"
@@ -29,17 +45,18 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     }
     step "torch==2.13.0 first (an unpinned torch pulls the CUDA build)"
     pip_install torch==2.13.0
-    # Built in a copy: pip's in-tree build would leave build/ and src/*.egg-info in the checkout.
-    SRC=$(mktemp -d "${TMPDIR:-/tmp}/traincraft-lowest-src.XXXXXX")
-    git ls-files -z --cached --others --exclude-standard \
-        | while IFS= read -r -d '' f; do [ -f "$f" ] && printf '%s\0' "$f"; done \
-        | tar --null -T - -cf - | tar -xf - -C "$SRC"
     step "traincraft (not editable) with the dev extra under constraints-lowest.txt"
-    pip_install "$SRC[dev]"
-    rm -rf "$SRC" "$LOG"
+    install_traincraft "[dev]"
+    rm -f "$LOG"
+    echo "$SRCSUM" >"$VENV/.traincraft"
     echo "$WANT" >"$STAMP"
 else
     step "reusing $VENV (pyproject.toml and constraints-lowest.txt unchanged)"
+    if [ "$(cat "$VENV/.traincraft" 2>/dev/null)" != "$SRCSUM" ]; then
+        step "src/ changed: reinstalling traincraft alone (--no-deps)"
+        install_traincraft "" --no-deps --force-reinstall
+        echo "$SRCSUM" >"$VENV/.traincraft"
+    fi
 fi
 
 # The pins must have won: a resolver that quietly picked a newer version would test nothing.

@@ -369,7 +369,16 @@ class TraincraftCLI(LightningCLI):
                 f"--{_LOAD_FLAG}=true needs --ckpt_path to name a checkpoint file; got --ckpt_path={ckpt_path!r}. "
                 "Pass the file (e.g. runs/checkpoints/last.ckpt), or drop the flag to use the configured model."
             )
-        super()._parse_ckpt_path()  # Lightning's: the checkpoint's hyperparameters replace the model's
+        # The checkpoint's hyperparameters replace the model's. Done here, not by Lightning's own _parse_ckpt_path:
+        # lightning before 2.6 passes a CLI-saved model's "_class_path" key on as an init argument and fails.
+        hparams = dict(torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters") or {})
+        hparams.pop("_instantiator", None)
+        if hparams:
+            if "_class_path" in hparams:
+                hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+            subcommand = self.config.get("subcommand")
+            update = {"model": hparams} if subcommand is None else {subcommand: {"model": hparams}}
+            self.config = self.parser.parse_object(update, self.config)
         self._checkpoint_hparams_loaded = True
 
     def after_instantiate_classes(self) -> None:

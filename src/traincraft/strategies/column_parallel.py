@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -305,10 +306,17 @@ class ColumnParallelStrategy(DDPStrategy):
                 "by ColumnParallelStrategy."
             )
         # Lightning's own checkpoint content (tensors, plain types) loads without unpickling arbitrary objects.
-        checkpoint = self.checkpoint_io.load_checkpoint(shard, weights_only=True if weights_only is None else weights_only)
+        checkpoint = _load_with(self.checkpoint_io, shard, True if weights_only is None else weights_only)
         if "ledger" in checkpoint.get("column_parallel", {}):
             self.ledger.load_state_dict(checkpoint["column_parallel"]["ledger"])  # byte totals continue
         return checkpoint
+
+
+def _load_with(checkpoint_io: Any, path: Path, weights_only: bool) -> dict[str, Any]:
+    """``checkpoint_io.load_checkpoint`` with ``weights_only`` where it takes one (lightning 2.6+; 2.5's has none)."""
+    if "weights_only" in inspect.signature(checkpoint_io.load_checkpoint).parameters:
+        return checkpoint_io.load_checkpoint(path, weights_only=weights_only)
+    return checkpoint_io.load_checkpoint(path)
 
 
 def register_column_parallel(registry: Any = StrategyRegistry) -> None:
