@@ -152,6 +152,20 @@ class WandbLogger(_LightningWandbLogger):
 # histograms (other loggers take scalars only), and nothing here depends on which ones are present.
 
 
+def shows_media(trainer: Any) -> bool:
+    """Whether some logger of ``trainer`` shows images and histograms (W&B or TensorBoard): callbacks ask this
+    before they spend a device copy on samples that :func:`log_histogram` and :func:`log_image` would drop.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> shows_media(SimpleNamespace(loggers=[]))
+        False
+    """
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    return any(isinstance(logger, (_LightningWandbLogger, TensorBoardLogger)) for logger in trainer.loggers)
+
+
 def _image_hwc_uint8(image: Any) -> Any:
     """An image as an (H, W, C) uint8 numpy array, from (C, H, W)/(H, W, C) tensors or arrays in [0, 1] or uint8."""
     import numpy as np

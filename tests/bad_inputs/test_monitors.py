@@ -16,7 +16,7 @@ from traincraft.callbacks import (
     LearningRateGovernor,
     LearningRateMonitor,
 )
-from traincraft.callbacks._shift_probe import select_layers
+from traincraft.callbacks._covariate_probe import select_layers
 
 COVSHIFT = [
     ({"layers": "ReLU"}, r"layers must be None or a non-empty list.*got 'ReLU'.*Example: layers="),

@@ -12,7 +12,7 @@ from torch import nn
 
 from tests.helpers import count_host_syncs, tiny_trainer
 from traincraft._steps import is_logging_step
-from traincraft.callbacks._shift_probe import LayerProbe
+from traincraft.callbacks._covariate_probe import LayerProbe
 from traincraft.callbacks.covariate_shift import CovariateShiftMonitor
 from traincraft.data import DigitsDataModule
 from traincraft.modules import ImageClassifier
@@ -208,7 +208,7 @@ def test_histograms_and_the_histogram_image_go_to_tensorboard(tmp_path):
 def test_layer_selection_by_type_and_glob_and_errors():
     clf = ImageClassifier("convnet", num_classes=10, in_channels=1, input_size=8,
                           model_kwargs={"channels": [4, 8], "hidden": 16})
-    from traincraft.callbacks._shift_probe import select_layers
+    from traincraft.callbacks._covariate_probe import select_layers
 
     assert [n for n, _ in select_layers(clf, ["BatchNorm2d"])] == [
         "model.blocks.0.norm1", "model.blocks.0.norm2", "model.blocks.1.norm1", "model.blocks.1.norm2"]

@@ -9,18 +9,17 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from traincraft._steps import completed_step_is_logging, is_logging_step
-from traincraft.callbacks._shift_image import HistogramHistory
-from traincraft.callbacks._shift_probe import (
+from traincraft.callbacks._covariate_histograms import HistogramHistory
+from traincraft.callbacks._covariate_probe import (
     FeatureAxis,
     LayerProbe,
     is_compiled,
     is_sequence_model,
     select_layers,
 )
-from traincraft.loggers import log_histogram, log_image
+from traincraft.loggers import log_histogram, log_image, shows_media
 from traincraft.metrics.moments import gaussian_w2
 
 _STAGES = ("train", "val")
@@ -232,8 +231,7 @@ class CovariateShiftMonitor(Callback):
                 before = {k: v.to(r["mean"].device) for k, v in previous[name].items()}
                 r["w2_drift"] = gaussian_w2(before["mean"], before["std"], r["mean"], r["std"])
             previous[name] = {"mean": r["mean"].detach().clone(), "std": r["std"].detach().clone()}
-        rich = (self.log_histograms and trainer.is_global_zero
-                and any(isinstance(lg, (WandbLogger, TensorBoardLogger)) for lg in trainer.loggers))
+        rich = self.log_histograms and trainer.is_global_zero and shows_media(trainer)
         layout = [(name, key, value.shape) for name, r in results.items() for key, value in r.items()
                   if key != "samples" or rich]
         flat = torch.cat([results[name][key].reshape(-1).float() for name, key, _ in layout])

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from traincraft._steps import batches_stepped
 from traincraft.callbacks._drift_features import FeatureExtractor
-from traincraft.callbacks._shift_samples import (
+from traincraft.callbacks._drift_samples import (
     FeatureBuffer,
     gather_in_order,
     prepare_batch,
