@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
 from traincraft.callbacks import HardExampleMining
 from traincraft.data import DigitsDataModule, EpochShuffleSampler, collate_batched
-from traincraft.data._hard_examples import hard_example_probabilities, sampling_summary
+from traincraft.metrics.hard_examples import hard_example_probabilities, sampling_summary
 from traincraft.modules import ImageClassifier
 
 BATCH = 64

@@ -9,7 +9,7 @@ import torch
 
 from tests.callbacks.test_hard_example_mining import _replay_ema
 from tests.distributed._launch import run_script
-from traincraft.data._hard_examples import epoch_generator, hard_example_probabilities, sample_indices
+from traincraft.metrics.hard_examples import epoch_generator, hard_example_probabilities, sample_indices
 
 SCRIPT = Path(__file__).with_name("_hard_example_script.py")
 

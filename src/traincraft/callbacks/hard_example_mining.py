@@ -12,9 +12,9 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
 from traincraft._steps import completed_step_is_logging
-from traincraft.data._hard_examples import check_hard_example_args, sampling_summary
 from traincraft.data.hard_example_sampler import HardExampleSampler
 from traincraft.data.image_datamodule import ImageDataModule
+from traincraft.metrics.hard_examples import check_hard_example_args, sampling_summary
 
 _PREFIX = "hard_examples/"
 

@@ -1,11 +1,24 @@
-"""A shuffling sampler whose order depends only on (seed, epoch)."""
+"""A shuffling sampler whose order depends only on (seed, epoch), and the process placement of the others."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Optional
 
 import torch
+import torch.distributed as dist
 from torch.utils.data import RandomSampler
+
+
+def process_placement(num_replicas: Optional[int], rank: Optional[int]) -> dict[str, int]:
+    """``DistributedSampler``'s ``num_replicas`` and ``rank``: those given, else the ``torch.distributed`` world
+    size and rank, else one process (rank 0)."""
+    distributed = dist.is_available() and dist.is_initialized()
+    if num_replicas is None:
+        num_replicas = dist.get_world_size() if distributed else 1
+    if rank is None:
+        rank = dist.get_rank() if distributed else 0
+    return {"num_replicas": num_replicas, "rank": rank}
 
 
 class EpochShuffleSampler(RandomSampler):

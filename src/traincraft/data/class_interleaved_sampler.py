@@ -6,10 +6,10 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch.utils.data import DistributedSampler, Subset
 
 from traincraft.data._interleave import SPACINGS, Spacing, deal_by_class, interleave_order, seeded_generator
+from traincraft.data._sampler import process_placement
 
 
 class ClassInterleavedSampler(DistributedSampler):
@@ -66,12 +66,7 @@ class ClassInterleavedSampler(DistributedSampler):
         labels = _as_labels(labels)
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}; got {spacing!r}.")
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
-        super().__init__(labels, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        super().__init__(labels, **process_placement(num_replicas, rank), shuffle=True, seed=seed, drop_last=False)
         self.labels = labels
         self.spacing = spacing
         self._order: Optional[tuple[int, torch.Tensor]] = None

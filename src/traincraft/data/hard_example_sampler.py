@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DistributedSampler
 
-from traincraft.data._hard_examples import (
+from traincraft.data._sampler import process_placement
+from traincraft.metrics.hard_examples import (
     check_hard_example_args,
     epoch_generator,
     hard_example_probabilities,
@@ -24,7 +25,7 @@ class HardExampleSampler(DistributedSampler):
 
     The sampler keeps an exponential moving average of every example's loss (updated once per epoch, only for the
     examples drawn in it) and draws ``epoch_size`` examples **with replacement** from
-    :func:`~traincraft.data._hard_examples.hard_example_probabilities`: ``p ∝ loss ** (1 / temperature)``, mixed
+    :func:`~traincraft.metrics.hard_examples.hard_example_probabilities`: ``p ∝ loss ** (1 / temperature)``, mixed
     with uniform sampling (``uniform_mix``: a floor, no example is starved) and capped at ``cap`` times the uniform
     probability (no outlier, mislabelled or corrupt example can dominate the epoch). The first ``warmup_epochs``
     visit every example once in a shuffled order, so that every example gets a loss; examples never seen count as
@@ -76,12 +77,7 @@ class HardExampleSampler(DistributedSampler):
         epoch_size: Optional[int] = None,
     ) -> None:
         check_hard_example_args(decay, cap, uniform_mix, temperature, warmup_epochs)
-        distributed = dist.is_available() and dist.is_initialized()
-        if num_replicas is None:
-            num_replicas = dist.get_world_size() if distributed else 1
-        if rank is None:
-            rank = dist.get_rank() if distributed else 0
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        super().__init__(dataset, **process_placement(num_replicas, rank), shuffle=True, seed=seed, drop_last=False)
         n = len(dataset)
         if n < 1:
             raise ValueError("HardExampleSampler needs a non-empty dataset; got one of length 0.")

@@ -1,6 +1,7 @@
 """The maths of hard-example sampling: per-example loss EMA, capped sampling probabilities, seeded draws.
 
-Pure functions on tensors; :class:`~traincraft.data.hard_example_sampler.HardExampleSampler` holds the state.
+Pure functions on tensors; :class:`~traincraft.data.HardExampleSampler` holds the state and
+:class:`~traincraft.callbacks.HardExampleMining` drives it from a ``Trainer``.
 """
 
 from __future__ import annotations
