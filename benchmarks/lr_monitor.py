@@ -93,7 +93,8 @@ def extras_cost_hooks(repeats: int) -> dict[str, float]:
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     batch = _batch()
-    tracker = UpdateTracker(opt, ema=0.9)
+    tracker = UpdateTracker(opt)
+    oscillation = (tracker.follow(ema=0.9),)  # one reader, as the monitor alone
 
     def step(tracked: bool):
         loss = model.compute_loss(model(batch[0]), batch[1])
@@ -103,13 +104,13 @@ def extras_cost_hooks(repeats: int) -> dict[str, float]:
             tracker.before_step()
         opt.step()
         if tracked:
-            tracker.after_step(compare=True)
+            tracker.after_step(compare=True, oscillations=oscillation)
 
     for _ in range(5):
         step(True)
     def hooks_only():
         tracker.before_step()
-        tracker.after_step(compare=True)
+        tracker.after_step(compare=True, oscillations=oscillation)
 
     plain, tracked, alone = [], [], []
     for _ in range(repeats):

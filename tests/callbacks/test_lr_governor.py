@@ -6,9 +6,11 @@ from lightning.pytorch import LightningModule, seed_everything
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.helpers import SyncWindow, count_host_syncs, tiny_trainer
+from tests.helpers import MemoryLogger, SyncWindow, count_host_syncs, tiny_trainer
+from traincraft.callbacks import _lr_updates
 from traincraft.callbacks.curvature import CurvatureMonitor
 from traincraft.callbacks.lr_governor import LearningRateGovernor
+from traincraft.callbacks.lr_monitor import LearningRateMonitor
 
 
 class Quadratic(LightningModule):
@@ -133,6 +135,32 @@ def test_factor_is_checkpointed_and_resumed(tmp_path):
     assert fresh.decisions == 4 and fresh.factors["SGD/a"] != state["factors"]["SGD/a"]  # it went on from there
 
 
+def test_a_monitor_and_a_governor_share_one_copy_of_the_weights(monkeypatch):
+    """Both read the updates of the same optimizer: one tracker (two flat copies of the weights), not one each, and
+    the cosine each logs is the same number (both smooth with 0.9)."""
+    made = []
+    build = _lr_updates.UpdateTracker.__init__
+
+    def counted(self, optimizer):
+        made.append(optimizer)
+        build(self, optimizer)
+
+    monkeypatch.setattr(_lr_updates.UpdateTracker, "__init__", counted)
+    monitor = LearningRateMonitor(log_update_ratio=True, log_oscillation=True)
+    governor = LearningRateGovernor(warmup_steps=5)
+    logger = MemoryLogger()
+    seed_everything(0)
+    tiny_trainer(max_steps=20, log_every_n_steps=5, callbacks=[monitor, governor], logger=logger).fit(Quadratic())
+    assert len(made) == 1
+    logged = {}
+    for _, row in logger.rows:
+        logged.update(row)
+    for group in ("a", "b"):
+        assert logged[f"lr-SGD/{group}-update_cosine"] == pytest.approx(logged[f"governor/SGD/{group}/update_cosine"])
+        assert logged[f"lr-SGD/{group}-update_ratio"] > 0
+    assert not _lr_updates._TRACKERS  # both let go at the end of the fit: the weight copies go with them
+
+
 def test_no_host_sync_on_non_logging_steps():
     window = SyncWindow()
     counts, current, enabled = window.counts, window.current, window.enabled
@@ -164,6 +192,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from traincraft.callbacks.curvature import CurvatureMonitor
 from traincraft.callbacks.lr_governor import LearningRateGovernor
+from traincraft.callbacks.lr_monitor import LearningRateMonitor
 
 
 class Scaled(pl.LightningModule):

@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from traincraft._sharded import refuse_sharded
 from traincraft._steps import batches_stepped, completed_step_is_logging
 from traincraft.callbacks._lr_names import group_names
-from traincraft.callbacks._lr_updates import UpdateTracker
+from traincraft.callbacks._lr_updates import Oscillation, UpdateTracker, attach, detach
 from traincraft.callbacks.curvature import CurvatureMonitor
 
 
@@ -101,6 +101,7 @@ class LearningRateGovernor(Callback):
         self.factors: dict[str, float] = {}  # by group name; plain floats so the checkpoint loads weights_only
         self.decisions = 0
         self._trackers: dict[int, UpdateTracker] = {}
+        self._oscillations: dict[int, Oscillation] = {}
         self._names: dict[int, list[str]] = {}
         self._scheduled: dict[int, list[Any]] = {}
         self._handles: list[RemovableHandle] = []
@@ -118,13 +119,14 @@ class LearningRateGovernor(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         refuse_sharded(pl_module, type(self).__name__, "the update cosines it decides from")  # sharded after setup
         self._remove_hooks()
-        self._trackers, self._names = {}, {}
+        self._names, self._oscillations = {}, {}
         self._last_decision_step = -1
         self._seen_probes = 0
         for optimizer, names in group_names(trainer):
             key = id(optimizer)
             self._names[key] = [name.removeprefix("lr-") for name in names]
-            self._trackers[key] = UpdateTracker(optimizer, self.ema)
+            # shared with a LearningRateMonitor of the same trainer: one copy of the weights for both
+            self._trackers[key], self._oscillations[key] = attach(self, optimizer, lambda: True, self.ema)
             for name in self._names[key]:
                 self.factors.setdefault(name, 1.0)
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
@@ -132,7 +134,6 @@ class LearningRateGovernor(Callback):
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         key = id(optimizer)
-        self._trackers[key].before_step()
         self._scheduled[key] = [group["lr"] for group in optimizer.param_groups]
         for group, name in zip(optimizer.param_groups, self._names[key], strict=False):
             group["lr"] = group["lr"] * self.factors[name]
@@ -141,7 +142,6 @@ class LearningRateGovernor(Callback):
         key = id(optimizer)
         for group, scheduled in zip(optimizer.param_groups, self._scheduled.pop(key, []), strict=False):
             group["lr"] = scheduled  # the scheduler steps next: it must see its own value, not ours
-        self._trackers[key].after_step(compare=True)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         step = batches_stepped(trainer) + 1  # training batches that stepped, this one included
@@ -150,7 +150,7 @@ class LearningRateGovernor(Callback):
         if not self._trackers:
             return
         self._last_decision_step = step
-        cosines = [tracker.oscillation()[0] for tracker in self._trackers.values()]
+        cosines = [oscillation.value()[0] for oscillation in self._oscillations.values()]
         curvature = next((cb for cb in trainer.callbacks if isinstance(cb, CurvatureMonitor)), None)
         ratio = None
         if curvature is not None and curvature.probes > self._seen_probes:  # a stale probe must not act twice
@@ -189,6 +189,9 @@ class LearningRateGovernor(Callback):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
+        for tracker in self._trackers.values():
+            detach(self, tracker)
+        self._trackers = {}
         for handle in self._handles:
             handle.remove()
         self._handles = []

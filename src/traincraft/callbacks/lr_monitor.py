@@ -8,12 +8,11 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor as _LightningLearningRateMonitor
 from torch.optim import Optimizer
-from torch.utils.hooks import RemovableHandle
 
 from traincraft._sharded import refuse_sharded
 from traincraft._steps import batches_stepped, completed_step_is_logging, is_logging_step
 from traincraft.callbacks._lr_names import group_names
-from traincraft.callbacks._lr_updates import UpdateTracker
+from traincraft.callbacks._lr_updates import Oscillation, UpdateTracker, attach, detach
 from traincraft.metrics.updates import adam_effective_lr
 
 _SKIPPED_HYPERPARAMETERS = {"lr", "initial_lr", "lr_multiplier", "params", "name"}
@@ -95,8 +94,7 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
         self.log_oscillation = log_oscillation
         self.oscillation_ema = oscillation_ema
         self._trackers: dict[int, UpdateTracker] = {}
-        self._handles: list[RemovableHandle] = []
-        self._trainer: Optional[pl.Trainer] = None
+        self._oscillations: dict[int, Oscillation] = {}
         self._last_logged_step = -1
         self._pending_state: dict[str, Any] = {}
 
@@ -120,27 +118,24 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
         self._refuse_sharded(trainer.lightning_module)  # strategies may shard after setup
         super().on_train_start(trainer, *args, **kwargs)
         self._remove_hooks()
-        self._trainer = trainer
+        self._oscillations = {}
         self._last_logged_step = -1
-        self._trackers = {}
         if not self._tracks_updates:
             return
+
+        def wants_step() -> bool:  # without the oscillation index, only the updates of logging steps are needed
+            return self.log_oscillation or is_logging_step(trainer)
+
         for index, (optimizer, _) in enumerate(group_names(trainer)):
-            tracker = UpdateTracker(optimizer, self.oscillation_ema)
+            # shared with a LearningRateGovernor of the same trainer: one copy of the weights for both
+            tracker, oscillation = attach(self, optimizer, wants_step,
+                                          self.oscillation_ema if self.log_oscillation else None)
+            oscillation = oscillation or tracker.follow(self.oscillation_ema)  # never fed: a checkpoint of zeros
             if f"tracker{index}" in self._pending_state:
-                tracker.load_state_dict(self._pending_state[f"tracker{index}"])
+                oscillation.load_state_dict(self._pending_state[f"tracker{index}"])
             self._trackers[id(optimizer)] = tracker
-            self._handles.append(optimizer.register_step_pre_hook(self._before_step))
-            self._handles.append(optimizer.register_step_post_hook(self._after_step))
+            self._oscillations[id(optimizer)] = oscillation
         self._pending_state = {}
-
-    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        # Without the oscillation index, only the updates of logging steps are needed.
-        if self.log_oscillation or (self._trainer is not None and is_logging_step(self._trainer)):
-            self._trackers[id(optimizer)].before_step()
-
-    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        self._trackers[id(optimizer)].after_step(compare=self.log_oscillation)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
         extras = self.log_hyperparameters or self.log_effective_lr or self._tracks_updates
@@ -164,8 +159,9 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
             if self.log_update_ratio:
                 keys += [f"{name}-update_ratio" for name in names]
                 device_values.append(tracker.ratios())
-            if self.log_oscillation and tracker.comparisons:
-                cosine, flips = tracker.oscillation()
+            oscillation = self._oscillations[id(optimizer)]
+            if self.log_oscillation and oscillation.comparisons:
+                cosine, flips = oscillation.value()
                 keys += [f"{name}-update_cosine" for name in names] + [f"{name}-sign_flip" for name in names]
                 device_values += [cosine, flips]
         if device_values:
@@ -214,14 +210,14 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        for tracker in self._trackers.values():
+            detach(self, tracker)
+        self._trackers = {}
 
     def state_dict(self) -> dict[str, Any]:
-        if not self._trackers:
+        if not self._oscillations:
             return {}
-        return {f"tracker{i}": tracker.state_dict() for i, tracker in enumerate(self._trackers.values())}
+        return {f"tracker{i}": oscillation.state_dict() for i, oscillation in enumerate(self._oscillations.values())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict)
