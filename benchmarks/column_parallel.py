@@ -30,13 +30,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from traincraft.models.two_column import TwoColumnAlexNet
 from traincraft.modules import ImageClassifier
-from traincraft.strategies._column_comm import (
+from traincraft.strategies.column_parallel import ColumnParallelStrategy
+from traincraft.strategies.column_parallel.byte_model import (
     column_parallel_bytes,
     ddp_bytes,
     exchange_widths,
     parameter_count,
 )
-from traincraft.strategies.column_parallel import ColumnParallelStrategy
 from traincraft.strategies.communication import CommunicationLedger
 
 FULL = dict(num_classes=1000, in_channels=3, input_size=227)

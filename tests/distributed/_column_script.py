@@ -2,7 +2,7 @@
 
 Saves, per rank, what the test compares with single-process references: the batches seen, per-step losses and
 weights, the strategy's byte ledger, memory, gradient norms over the column group, eval outputs, and the state of
-resumed and AMP runs.
+resumed and AMP runs; on 4 processes also a run with batch norms and Trainer(sync_batchnorm=True).
 """
 
 import functools
@@ -65,12 +65,21 @@ class Record(Callback):
         self.weights.append({k: v.detach().clone() for k, v in pl_module.model.state_dict().items()})
 
 
+def with_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """A TwoColumnAlexNet (full or one column) with BatchNorm2d in place of the first LRN of each column."""
+    for column in model.columns.values():
+        column.norm1 = torch.nn.BatchNorm2d(column.conv1.out_channels)
+    return model
+
+
 def fit(out: Path, max_epochs: int, batch: int, *, strategy=None, ckpt_path=None, precision="32-true", logger=False,
-        callbacks=(), init_seed=None, data_hook=None, checkpoint_dir=None):
+        callbacks=(), init_seed=None, data_hook=None, checkpoint_dir=None, batchnorm=False):
     pl.seed_everything(0)
     if init_seed is not None:
         torch.manual_seed(init_seed)  # different initial weights: init_weights must replace them
     clf = ImageClassifier(**MODEL, optimizer=SGD)
+    if batchnorm:
+        with_batchnorm(clf.model)
     data = DigitsDataModule(image_size=16, batch_size=batch)
     if data_hook is not None:
         data_hook(data)
@@ -82,6 +91,7 @@ def fit(out: Path, max_epochs: int, batch: int, *, strategy=None, ckpt_path=None
         max_epochs=max_epochs, limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0,
         logger=logger, log_every_n_steps=2, enable_checkpointing=checkpoint_dir is not None, enable_progress_bar=False,
         enable_model_summary=False, precision=precision, callbacks=callbacks, deterministic=True,
+        sync_batchnorm=batchnorm,
     )
     trainer.fit(clf, datamodule=data, ckpt_path=ckpt_path)
     return clf, trainer
@@ -131,6 +141,14 @@ def main(out: Path) -> None:
         amp = Record({}, [False])
         fit(out, 1, batch, precision="bf16-mixed", callbacks=[amp])
         result["amp"] = {"losses": amp.losses, "weights": amp.weights, "images": amp.images}
+    if world == 4:
+        # the batch statistics of a column must come from its two replicas (its data-parallel group)
+        bn = Record({}, [False])
+        bn_clf, bn_trainer = fit(out, 1, batch, callbacks=[bn], batchnorm=True)
+        norms = [m for m in bn_clf.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        result["batchnorm"] = {"weights": bn.weights, "images": bn.images, "labels": bn.labels,
+                               "types": [type(m).__name__ for m in norms],
+                               "ledger": bn_trainer.strategy.ledger.last_step()}
     torch.save(result, out / f"rank{rank}.pt")
     # tear gloo down before exit: otherwise the process may abort at interpreter shutdown
     if torch.distributed.is_initialized():

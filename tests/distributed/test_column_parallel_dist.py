@@ -1,7 +1,7 @@
 """Real column-parallel runs (gloo, CPU) against single-process references in plain torch.
 
 Two launches: 2 processes (two columns: equivalence, gradient norm, bytes, memory, host syncs, logging, resume,
-init_weights, export, bf16 AMP) and 4 processes (the 2x2 data x column hybrid).
+init_weights, export, bf16 AMP) and 4 processes (the 2x2 data x column hybrid, also with synchronized batch norm).
 """
 
 import csv
@@ -16,8 +16,12 @@ import torch
 import torch.nn.functional as F
 
 from traincraft.models.two_column import TwoColumnAlexNet
-from traincraft.strategies._column_comm import column_parallel_bytes, exchange_widths, parameter_count
-from traincraft.strategies._column_state import export_state_dict
+from traincraft.strategies.column_parallel import export_state_dict
+from traincraft.strategies.column_parallel.byte_model import (
+    column_parallel_bytes,
+    exchange_widths,
+    parameter_count,
+)
 
 SCRIPT = Path(__file__).with_name("_column_script.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,11 +64,17 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _reference(init: dict, batches: list[tuple[torch.Tensor, torch.Tensor]], clip: float = 0.0):
+def _reference(init: dict, batches: list[tuple[torch.Tensor, torch.Tensor]], clip: float = 0.0, batchnorm=False):
     """Single-process TwoColumnAlexNet trained with the same SGD on the given batches: losses, weights, norms
-    (before clipping the gradient norm to `clip`, if given)."""
+    (before clipping the gradient norm to `clip`, if given); with `batchnorm`, BatchNorm2d in place of each
+    column's first LRN (initialized as BatchNorm2d is)."""
     model = TwoColumnAlexNet(**MODEL)
-    model.load_state_dict(init)
+    if batchnorm:
+        from tests.distributed._column_script import with_batchnorm
+
+        with_batchnorm(model)
+    missing, unexpected = model.load_state_dict(init, strict=False)
+    assert not unexpected and all(".norm1." in key for key in missing)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     losses, weights, norms = [], [], []
     for images, labels in batches:
@@ -224,3 +234,20 @@ def test_hybrid_accounts_both_mesh_axes(hybrid):
     expected = column_parallel_bytes(widths, batch=8, column_params=column_params, data_parallel_size=2)
     for rank in ranks:
         assert {k: {"bytes": v["bytes"], "wire_bytes": v["wire_bytes"]} for k, v in rank["ledger"].items()} == expected
+
+
+def test_sync_batchnorm_synchronizes_each_column_over_its_replicas(hybrid):
+    """Trainer(sync_batchnorm=True) under the hybrid: batch statistics over the global batch of each column (its
+    data-parallel group), so every step equals a single-process run with plain batch norm on the global batch."""
+    out, ranks = hybrid
+    runs = [rank["batchnorm"] for rank in ranks]
+    for run in runs:
+        assert run["types"] == ["GlooSyncBatchNorm"]  # one per rank: its column's norm1, converted on CPU
+        assert run["ledger"][("batchnorm", "all_reduce")]["calls"] == 2  # forward statistics and their gradient
+    halves = [list(zip(runs[r]["images"], runs[r]["labels"], strict=True)) for r in (0, 2)]
+    global_batches = [(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*halves, strict=True)]
+    _, weights, _ = _reference(torch.load(out / "init_full.pt"), global_batches, batchnorm=True)
+    for rank, run in zip(ranks, runs, strict=True):
+        assert any(".norm1.running_mean" in key for key in run["weights"][0])
+        for step in range(3):
+            _assert_column_weights(run["weights"][step], weights[step], rank["column"])

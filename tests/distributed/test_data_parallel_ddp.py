@@ -68,7 +68,7 @@ def test_two_processes_train_like_one_process_on_the_global_batch(runs, name, ac
 
 def test_sync_batchnorm_runs_on_cpu(runs):
     # Trainer(sync_batchnorm=True) installs torch's SyncBatchNorm, which DDP refuses on CPU: the strategy swaps it
-    assert runs[0]["exact"]["batchnorm"] == ["_GlooSyncBatchNorm"]
+    assert runs[0]["exact"]["batchnorm"] == ["GlooSyncBatchNorm"]
     # its statistics exchange: (Σx, Σx², count) in float64 for 6 channels, forward and backward, per micro-batch
     assert runs[0]["exact"]["metrics"]["comm/batchnorm/all_reduce_bytes"] == 2 * 8 * (2 * 6 + 1)
     assert runs[0]["accumulate"]["last_step"]["batchnorm/all_reduce"]["bytes"] == 2 * 2 * 8 * (2 * 6 + 1)

@@ -12,16 +12,17 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from traincraft.models.two_column import TwoColumnAlexNet
 from traincraft.modules import ImageClassifier
-from traincraft.strategies._column_comm import (
+from traincraft.strategies.column_parallel import ColumnParallelStrategy, register_column_parallel
+from traincraft.strategies.column_parallel.byte_model import (
     break_even_batch,
     column_parallel_bytes,
     ddp_bytes,
     exchange_widths,
     parameter_count,
 )
-from traincraft.strategies._column_gather import ColumnExchange, gather_columns
-from traincraft.strategies._column_mesh import ColumnMesh
-from traincraft.strategies._column_state import (
+from traincraft.strategies.column_parallel.gather import ColumnExchange, gather_columns
+from traincraft.strategies.column_parallel.mesh import ColumnMesh
+from traincraft.strategies.column_parallel.state import (
     column_slice,
     export_state_dict,
     keep_column,
@@ -29,7 +30,6 @@ from traincraft.strategies._column_state import (
     merge_columns,
     shard_path,
 )
-from traincraft.strategies.column_parallel import ColumnParallelStrategy, register_column_parallel
 from traincraft.strategies.communication import CommunicationLedger
 
 SMALL = dict(num_classes=10, in_channels=1, input_size=16, width=0.25, dropout=0.0)

@@ -15,8 +15,8 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.helpers import count_host_syncs, tiny_trainer
+from traincraft.metrics import noise_scale as ns
 from traincraft.models import AlexNet
-from traincraft.strategies import _noise_scale as ns
 from traincraft.strategies._compression import (
     GradientSyncState,
     compressed_payload_bytes,
@@ -24,7 +24,7 @@ from traincraft.strategies._compression import (
     orthonormalize_columns,
     powersgd_payload_elements,
 )
-from traincraft.strategies._registry import STRATEGY_NAMES, register_strategies
+from traincraft.strategies._registry import register_strategies
 from traincraft.strategies.communication import CommunicationLedger
 from traincraft.strategies.data_parallel import DataParallelStrategy
 
@@ -210,15 +210,17 @@ def test_registered_names_build_the_strategy():
     trainer = pl.Trainer(strategy="traincraft_ddp_powersgd", accelerator="cpu", devices=1, logger=False)
     assert isinstance(trainer.strategy, DataParallelStrategy)
     assert (trainer.strategy.compression, trainer.strategy.powersgd_rank) == ("powersgd", 1)
-    for name, (_, params) in STRATEGY_NAMES.items():
+    names = DataParallelStrategy.registered_names
+    for name, (_, params) in names.items():
+        assert StrategyRegistry[name]["strategy"] is DataParallelStrategy
         assert StrategyRegistry[name]["init_params"] == params
     StrategyRegistry.register("traincraft_ddp_taken_test", pl.strategies.DDPStrategy)
     try:
-        STRATEGY_NAMES["traincraft_ddp_taken_test"] = ("", {})
+        names["traincraft_ddp_taken_test"] = ("", {})
         with pytest.raises(ValueError, match="already registered to DDPStrategy"):
             register_strategies(StrategyRegistry)
     finally:
-        del STRATEGY_NAMES["traincraft_ddp_taken_test"]
+        del names["traincraft_ddp_taken_test"]
         StrategyRegistry.remove("traincraft_ddp_taken_test")
 
 

@@ -1,7 +1,7 @@
 """Strategies for ``Trainer(strategy=...)`` and the communication accounting they share.
 
 Importing this package (``import traincraft`` does) registers the strategies' string names with Lightning, so
-``Trainer(strategy="traincraft_ddp_powersgd")`` works.
+``Trainer(strategy="traincraft_ddp_powersgd")`` and ``Trainer(strategy="column_parallel")`` work.
 """
 
 from lightning.pytorch.strategies import StrategyRegistry
@@ -15,8 +15,7 @@ from traincraft.strategies.column_parallel import (
 from traincraft.strategies.communication import COLLECTIVES, CommunicationLedger, payload_bytes, wire_bytes
 from traincraft.strategies.data_parallel import DataParallelStrategy
 
-_register_strategies(StrategyRegistry)
-register_column_parallel(StrategyRegistry)  # Trainer(strategy="column_parallel")
+_register_strategies(StrategyRegistry)  # every name, from the one table in _registry
 
 __all__ = [
     "COLLECTIVES",

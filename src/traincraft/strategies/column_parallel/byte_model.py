@@ -1,4 +1,4 @@
-"""The analytic communication model of column parallelism against data parallelism (see docs/column-parallel.md).
+"""The byte model: what column parallelism communicates against data parallelism (see docs/column-parallel.md).
 
 Per optimizer step, per rank, with ``B`` samples per column pair, ``e`` bytes per element, ``n`` columns and ``D``
 data-parallel replicas, and ``w_p`` the elements per sample and column exchanged at point ``p``:
@@ -15,6 +15,8 @@ from __future__ import annotations
 from torch import nn
 
 from traincraft.models.two_column import TwoColumnAlexNet
+
+__all__ = ["break_even_batch", "column_parallel_bytes", "ddp_bytes", "exchange_widths", "parameter_count"]
 
 
 def _out(size: int, kernel: int, stride: int, padding: int = 0) -> int:
@@ -47,6 +49,7 @@ def exchange_widths(model: TwoColumnAlexNet) -> dict[str, int]:
 
 
 def parameter_count(module: nn.Module) -> int:
+    """Elements of every parameter of ``module`` (of one column, for a partial ``TwoColumnAlexNet``)."""
     return sum(p.numel() for p in module.parameters())
 
 
@@ -85,7 +88,12 @@ def column_parallel_bytes(
 
 
 def ddp_bytes(params: int, world_size: int, element_size: int = 4) -> dict[str, int]:
-    """Analytic bytes per rank and step of DDP's gradient all-reduce (ring) over ``world_size`` ranks."""
+    """Analytic bytes per rank and step of DDP's gradient all-reduce (ring) over ``world_size`` ranks.
+
+    Example:
+        >>> ddp_bytes(1000, world_size=2)
+        {'bytes': 4000, 'wire_bytes': 4000}
+    """
     payload = params * element_size
     return {"bytes": payload, "wire_bytes": 2 * (world_size - 1) * payload // world_size}
 

@@ -16,6 +16,8 @@ from torch import nn
 
 from traincraft.models.two_column import TwoColumnAlexNet
 
+__all__ = ["export_state_dict"]
+
 _COLUMN_KEY = re.compile(r"(?:^|\.)columns\.(\d+)\.")
 SHARD_TEMPLATE = "column-{column}.ckpt"
 

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from traincraft.strategies.communication import CommunicationLedger
 
+__all__ = ["ColumnExchange", "gather_columns"]
+
 Backward = Literal["sum", "slice"]
 # Points after which every column rank computes the same thing (see the module docstring).
 REPLICATED_POINTS = frozenset({"logits"})

@@ -3,26 +3,24 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer
 
-from traincraft._steps import is_logging_step
-from traincraft.strategies._column_gather import ColumnExchange
-from traincraft.strategies._column_mesh import ColumnMesh, build_groups
-from traincraft.strategies._column_state import (
+from traincraft.strategies._base import MonitoredStrategy
+from traincraft.strategies._sync_batchnorm import GroupSyncBatchNorm, replace_sync_batchnorm
+from traincraft.strategies.column_parallel.gather import ColumnExchange
+from traincraft.strategies.column_parallel.mesh import ColumnMesh, build_groups
+from traincraft.strategies.column_parallel.state import (
     column_slice,
-    export_state_dict,
     find_two_column_models,
     keep_column,
     load_full_model_weights,
@@ -30,9 +28,8 @@ from traincraft.strategies._column_state import (
 )
 from traincraft.strategies.communication import CommunicationLedger
 
-__all__ = ["ColumnParallelStrategy", "export_state_dict", "register_column_parallel"]
+__all__ = ["ColumnParallelStrategy", "register_column_parallel"]
 
-NAME = "column_parallel"
 _COLUMNS = 2
 
 
@@ -50,7 +47,7 @@ def _data_axis_hook(state, bucket):  # noqa: ANN001, ANN201
     return work.get_future().then(lambda fut: fut.value()[0])
 
 
-class ColumnParallelStrategy(DDPStrategy):
+class ColumnParallelStrategy(MonitoredStrategy):
     """Model parallelism as in Krizhevsky et al. 2012: each rank holds one column of a ``TwoColumnAlexNet``.
 
     The columns exchange activations only at the cross-connections (into conv3, fc6, fc7, fc8, and the logits)
@@ -70,7 +67,12 @@ class ColumnParallelStrategy(DDPStrategy):
     such a directory exactly. :func:`export_state_dict` merges one into the
     state dict of a single-process ``TwoColumnAlexNet``, and ``init_weights`` starts a run from such a state dict.
 
-    Logged metrics (through ``trainer.loggers``, on logging steps; figures of the last optimizer step, per rank):
+    With ``Trainer(sync_batchnorm=True)`` the batch norms of a column model are synchronized over that column's
+    replicas (its data-parallel group: the other column's layers live on other ranks and see the same images); on
+    CPU through a batch norm that runs on gloo, as under ``DataParallelStrategy``.
+
+    Logged metrics (by the same monitor callback as ``DataParallelStrategy``'s, on logging steps; figures of the
+    last optimizer step, per rank; also in :attr:`metrics` without any logger):
 
     ======================================  ========================================================
     key                                     meaning
@@ -78,6 +80,7 @@ class ColumnParallelStrategy(DDPStrategy):
     ``comm/column/all_gather_bytes``        activations this rank contributed to the forward gathers
     ``comm/column/reduce_scatter_bytes``    gradients it fed into the backward reduce-scatters
     ``comm/data/all_reduce_bytes``          gradient bytes all-reduced over the data axis (hybrid)
+    ``comm/batchnorm/all_reduce_bytes``     synchronized batch-norm statistics (CPU, ``sync_batchnorm=True``)
     ``comm/{axis}/{kind}_wire_bytes``       bytes sent under ring algorithms, for each of the above
     ``comm/bytes``, ``comm/wire_bytes``     totals over both axes
     ======================================  ========================================================
@@ -100,6 +103,8 @@ class ColumnParallelStrategy(DDPStrategy):
         ...
         ValueError: ColumnParallelStrategy: data_parallel_size must be a positive integer or None, got 0. ...
     """
+
+    registered_names = {"column_parallel": ("one TwoColumnAlexNet column per rank (data x column mesh)", {})}
 
     def __init__(
         self,
@@ -128,21 +133,12 @@ class ColumnParallelStrategy(DDPStrategy):
                 "TwoColumnAlexNet state dict (export_state_dict's output saved with torch.save) or of a "
                 "single-process checkpoint."
             )
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-            **kwargs,
-        )
+        super().__init__(accelerator, parallel_devices, cluster_environment, checkpoint_io, precision_plugin,
+                         process_group_backend, timeout, start_method, step_times=False, monitor_state_key=None,
+                         **kwargs)
         self._requested_data_size = data_parallel_size
         self._init_weights = init_weights
         self._ddp_options = dict(kwargs)
-        self.ledger = CommunicationLedger()
         self.mesh: Optional[ColumnMesh] = None
         self._column_group: Optional[dist.ProcessGroup] = None
         self._data_group: Optional[dist.ProcessGroup] = None
@@ -227,9 +223,6 @@ class ColumnParallelStrategy(DDPStrategy):
 
     # ----------------------------------------------------------------- model and optimizers
     def setup(self, trainer: pl.Trainer) -> None:
-        # DDPStrategy.setup would broadcast rank 0's parameters over all ranks outside fitting, overwriting column 1
-        # with column 0; only replicas of the same column may be synchronized.
-        assert self.accelerator is not None
         scaler = getattr(self.precision_plugin, "scaler", None)
         if scaler is not None:
             # each column's GradScaler would find infs in its own gradients only and skip steps on its own
@@ -237,20 +230,28 @@ class ColumnParallelStrategy(DDPStrategy):
                 f"ColumnParallelStrategy does not support precision={trainer.precision!r} (float16 with a gradient "
                 "scaler): the columns would skip steps independently. Use precision='bf16-mixed' or '32-true'."
             )
+        if self._layer_sync is not None:
+            # Trainer(sync_batchnorm=True): a column's batch statistics come from its replicas, not the world
+            self._layer_sync = GroupSyncBatchNorm(self._data_group)
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().setup(trainer)  # layer sync, precision, device, configure_ddp (the data axis), optimizers
+            return
+        # Outside fitting DDPStrategy.setup would broadcast rank 0's parameters over all ranks, overwriting
+        # column 1 with column 0; only replicas of the same column may be synchronized.
+        assert self.accelerator is not None and self.model is not None
         self.accelerator.setup(trainer)
         self.model = self.precision_plugin.convert_module(self.model)
         self.model_to_device()
-        fitting = trainer.state.fn == TrainerFn.FITTING
-        if fitting:
-            self.configure_ddp()
-            self.setup_optimizers(trainer)
-        elif self.mesh is not None and self.mesh.data_size > 1:
+        if self.mesh is not None and self.mesh.data_size > 1:
             for tensor in [*self.model.parameters(), *self.model.buffers()]:
                 dist.broadcast(tensor.data, src=self.mesh.data_ranks(self.column)[0], group=self._data_group)
         self.setup_precision_plugin()
 
     def configure_ddp(self) -> None:
         assert self.mesh is not None and self._data_group is not None
+        if self.root_device.type == "cpu":
+            # torch's SyncBatchNorm (what sync_batchnorm=True installs) only runs on GPUs
+            replace_sync_batchnorm(self.model, self.ledger, self.mesh.data_size, self._data_group)
         if self.mesh.data_size == 1:
             return  # every column exists once: no gradients to average
         self.model = DistributedDataParallel(
@@ -261,22 +262,6 @@ class ColumnParallelStrategy(DDPStrategy):
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # the shard holds only this rank's column, so the model must be split before loading
-
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: Optional[Union[pl.LightningModule, torch.nn.Module]] = None,
-        **kwargs: Any,
-    ) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self.ledger.end_step()
-        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and trainer.loggers and is_logging_step(trainer):
-            metrics = self.ledger.metrics()  # host integers: logging them copies nothing from the device
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)
-        return output
 
     # ----------------------------------------------------------------- checkpoints
     def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Optional[Any] = None) -> None:
@@ -321,7 +306,4 @@ def _load_with(checkpoint_io: Any, path: Path, weights_only: bool) -> dict[str, 
 
 def register_column_parallel(registry: Any = StrategyRegistry) -> None:
     """Make ``Trainer(strategy="column_parallel")`` build a :class:`ColumnParallelStrategy`; safe to call twice."""
-    if NAME not in registry:
-        registry.register(
-            NAME, ColumnParallelStrategy, description="one TwoColumnAlexNet column per rank (data x column mesh)"
-        )
+    ColumnParallelStrategy.register_strategies(registry)

@@ -12,6 +12,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+__all__ = ["ColumnMesh", "build_groups"]
+
 
 @dataclass(frozen=True)
 class ColumnMesh:
