@@ -12,6 +12,11 @@ from lightning.pytorch.strategies import StrategyRegistry
 
 from traincraft.models.two_column import TwoColumnAlexNet
 from traincraft.modules import ImageClassifier
+from traincraft.strategies._sync_batchnorm import (
+    GlooSyncBatchNorm,
+    GroupSyncBatchNorm,
+    replace_sync_batchnorm,
+)
 from traincraft.strategies.column_parallel import ColumnParallelStrategy, register_column_parallel
 from traincraft.strategies.column_parallel.byte_model import (
     break_even_batch,
@@ -31,6 +36,7 @@ from traincraft.strategies.column_parallel.state import (
     shard_path,
 )
 from traincraft.strategies.communication import CommunicationLedger
+from traincraft.strategies.data_parallel import DataParallelStrategy
 
 SMALL = dict(num_classes=10, in_channels=1, input_size=16, width=0.25, dropout=0.0)
 
@@ -195,3 +201,25 @@ def test_fit_rejects_other_models_and_a_single_process(model, error, match):
 
 def test_parameter_count_of_a_column_is_half_for_an_even_class_count():
     assert 2 * parameter_count(TwoColumnAlexNet(**SMALL, columns=[0])) == parameter_count(TwoColumnAlexNet(**SMALL))
+
+
+def test_both_strategies_log_through_the_same_monitor():
+    column, data = ColumnParallelStrategy(), DataParallelStrategy()
+    assert type(column.monitor) is type(data.monitor)
+    assert column.monitor.strategy is column and column.ledger is not data.ledger
+    # the column shards keep the ledger in their own entry: the monitor adds nothing to their checkpoints, while
+    # DataParallelStrategy's checkpoints keep the ledger under the monitor's old key
+    assert column.monitor.state_dict() == {}
+    assert data.monitor.state_key == "DataParallelMonitor" and set(data.monitor.state_dict()) == {"ledger"}
+    assert column.metrics == {} and not column.step_times  # the columns wait for each other at every exchange
+
+
+def test_sync_batchnorm_converts_over_the_group_it_is_given(group_of_one):
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    synced = GroupSyncBatchNorm(group_of_one).apply(model)
+    assert isinstance(synced[1], torch.nn.SyncBatchNorm) and synced[1].process_group is group_of_one
+    replace_sync_batchnorm(synced, CommunicationLedger(), 1, group_of_one)
+    assert isinstance(synced[1], GlooSyncBatchNorm) and synced[1].group is group_of_one
+    x = torch.randn(4, 1, 5, 5)
+    torch.testing.assert_close(synced(x), torch.nn.functional.batch_norm(
+        synced[0](x), None, None, synced[1].weight, synced[1].bias, training=True))
