@@ -64,15 +64,16 @@ def reduce_features(x: torch.Tensor, how: Reduce) -> torch.Tensor:
 
 
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, Mapping):
-        value = list(value.values())
-    if isinstance(value, (tuple, list)):
-        for item in value:
-            found = _first_tensor(item)
-            if found is not None:
-                return found
+    """The first tensor of a nested batch, depth first in order (mappings by their values)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            return item
+        if isinstance(item, Mapping):
+            item = list(item.values())
+        if isinstance(item, (tuple, list)):
+            pending.extend(reversed(item))  # a stack: the first item is looked at next
     return None
 
 

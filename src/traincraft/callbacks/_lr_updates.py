@@ -158,3 +158,10 @@ def detach(reader: object, tracker: UpdateTracker) -> None:
         tracker._handles = []
         if _TRACKERS.get(tracker.optimizer) is tracker:
             del _TRACKERS[tracker.optimizer]
+
+
+def release(reader: object, trackers: dict[int, UpdateTracker]) -> None:
+    """:func:`detach` ``reader`` from each of ``trackers`` and forget them (at the end of a fit, or before the next)."""
+    for tracker in trackers.values():
+        detach(reader, tracker)
+    trackers.clear()

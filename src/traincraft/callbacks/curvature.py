@@ -12,6 +12,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from traincraft._sharded import refuse_sharded
 from traincraft._steps import batch_steps, batches_stepped, completed_step_is_logging
+from traincraft.callbacks._curvature_probe import (
+    detached_head,
+    name_the_module,
+    probe_loss,
+    random_start,
+    spectrum_keys,
+)
 from traincraft.metrics.hessian import (
     DoubleBackwardError,
     directional_curvature,
@@ -20,7 +27,6 @@ from traincraft.metrics.hessian import (
     hutchinson_trace,
     is_preconditioned,
     lanczos,
-    module_without_double_backward,
     params_of,
     scaled_operator,
     stability_threshold,
@@ -137,14 +143,10 @@ class CurvatureMonitor(Callback):
             raise ValueError(f"saddle_ratio must be a number >= 0; got {saddle_ratio!r}. Pass e.g. 0.1 (the default).")
         if not isinstance(directional, bool):
             raise ValueError(f"directional must be True or False; got {directional!r}. Pass a bool.")
-        self.every_n_steps = every_n_steps
-        self.iterations = iterations
-        self.first_iterations = first_iterations
-        self.directional = directional
-        self.hutchinson_samples = hutchinson_samples
-        self.probe_batch_size = probe_batch_size
-        self.saddle_ratio = float(saddle_ratio)
-        self.optimizer_index = optimizer_index
+        # the cadence and size of a probe, then what it measures and on which optimizer
+        self.every_n_steps, self.iterations, self.first_iterations = every_n_steps, iterations, first_iterations
+        self.probe_batch_size, self.optimizer_index = probe_batch_size, optimizer_index
+        self.directional, self.hutchinson_samples, self.saddle_ratio = directional, hutchinson_samples, float(saddle_ratio)
         # warm starts: the extreme eigenvectors of H, and of D^½HD^½ for adaptive optimizers
         self.eigenvector: Optional[Tensor] = None
         self.eigenvector_min: Optional[Tensor] = None
@@ -193,7 +195,7 @@ class CurvatureMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if self._probe_batch is None:
-            self._probe_batch = _detached_head(batch, self.probe_batch_size)
+            self._probe_batch = detached_head(batch, self.probe_batch_size)
         stepped = batches_stepped(trainer)  # batches that stepped before this one: a host int, no sync
         # the first stepped batch of every fit (also a resumed one) is probed: a model the probe cannot handle
         # fails there, not after an epoch
@@ -249,42 +251,19 @@ class CurvatureMonitor(Callback):
         return results
 
     def _name_the_module(self, pl_module: pl.LightningModule, error: DoubleBackwardError) -> DoubleBackwardError:
-        culprit = module_without_double_backward(pl_module, lambda: self._loss(pl_module, self._probe_batch))
-        owner = type(pl_module).__name__
-        if culprit is None:
-            where = f"an operation in {owner}'s loss (not traced to one module)"
-        elif culprit == "":
-            where = f"the forward of {owner} itself (outside its submodules)"
-        else:
-            where = f"the module '{culprit}' ({type(pl_module.get_submodule(culprit)).__name__})"
-        return DoubleBackwardError(
-            f"CurvatureMonitor: {where} does not support double backward, which Hessian-vector products need "
-            f"({error.reason}). Replace its operations marked @once_differentiable (custom autograd Functions, fused "
-            "kernels) with differentiable ones, or remove CurvatureMonitor from the callbacks for this model."
-        )
+        return name_the_module(pl_module, lambda: self._loss(pl_module, self._probe_batch), error)
 
     def _measure(self, hvp, gradient: Tensor, optimizer, params: list[nn.Parameter], device) -> dict[str, Tensor]:
         size = gradient.numel()
         generator = torch.Generator(device=device).manual_seed(self.probes)
         cold = self.eigenvector is None or self.eigenvector.numel() != size or self.eigenvector_min is None
         # one start vector holding both previous ends converged fastest (docs/learning-rate.md)
-        start = self._random(size, device) if cold else self.eigenvector.to(device) + self.eigenvector_min.to(device)
+        start = random_start(size, device) if cold else self.eigenvector.to(device) + self.eigenvector_min.to(device)
         # the gradient enters the basis last: the directional curvature costs no product of its own
         pairs = lanczos(hvp, start, self.first_iterations if cold else self.iterations, generator,
                         also=gradient if self.directional and size > 1 else None)
         self.eigenvector, self.eigenvector_min = pairs.vector_max, pairs.vector_min
-        lam, low = pairs.lambda_max, pairs.lambda_min
-        positive = lam > 0
-        negative = (-low).clamp_min(0)
-        ratio = torch.where(positive, negative / torch.where(positive, lam, 1.0),
-                            torch.where(negative > 0, torch.inf, 0.0))
-        results = {
-            "lambda_max": lam,
-            "lambda_min": low,
-            "eta_opt": torch.where(positive, 1.0 / torch.where(positive, lam, 1.0), torch.inf),
-            "negative_ratio": ratio,
-            "saddle": (ratio > self.saddle_ratio).float(),
-        }
+        results = spectrum_keys(pairs, self.saddle_ratio)
         if self.directional:
             results["directional"] = pairs.quotient if pairs.quotient is not None else \
                 directional_curvature(hvp, gradient)
@@ -295,14 +274,14 @@ class CurvatureMonitor(Callback):
             return results
         rates = {float(g["lr"]) * (1 - float(g.get("dampening", 0.0))) for g in optimizer.param_groups}
         if not is_preconditioned(optimizer) and len(rates) == 1:
-            eta_lambda = rates.pop() * lam  # one rate: η·λ_max needs no second run
+            eta_lambda = rates.pop() * pairs.lambda_max  # one rate: η·λ_max needs no second run
         else:
             diagonal = effective_rate_diagonal(optimizer, params)
             if diagonal is None:  # adaptive optimizer before its first step: no preconditioner yet
                 return results
             cold = self.scaled_eigenvector is None or self.scaled_eigenvector.numel() != size \
                 or self.scaled_eigenvector_min is None
-            start = self._random(size, device) if cold else \
+            start = random_start(size, device) if cold else \
                 self.scaled_eigenvector.to(device) + self.scaled_eigenvector_min.to(device)
             scaled = lanczos(scaled_operator(hvp, diagonal), start, self.first_iterations if cold else self.iterations,
                              generator)
@@ -313,21 +292,7 @@ class CurvatureMonitor(Callback):
         results["stability_ratio"] = eta_lambda / threshold
         return results
 
-    @staticmethod
-    def _random(size: int, device: torch.device) -> Tensor:
-        generator = torch.Generator().manual_seed(0)
-        return torch.randn(size, generator=generator).to(device)
-
-    @staticmethod
-    def _loss(pl_module: pl.LightningModule, batch: Any) -> Tensor:
-        if hasattr(pl_module, "probe_loss"):
-            return pl_module.probe_loss(batch)
-        if not isinstance(batch, (tuple, list)) or len(batch) < 2:
-            raise TypeError(
-                f"the probe batch is a {type(batch).__name__}, not (inputs, targets); define probe_loss(batch) on "
-                f"{type(pl_module).__name__} to tell CurvatureMonitor how to compute the loss."
-            )
-        return pl_module.compute_loss(pl_module(batch[0]), batch[1])
+    _loss = staticmethod(probe_loss)  # also LRSuggestion's way to the loss of a batch
 
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"probes": self.probes}
@@ -342,12 +307,3 @@ class CurvatureMonitor(Callback):
         for key in ("eigenvector", "eigenvector_min", "scaled_eigenvector", "scaled_eigenvector_min"):
             setattr(self, key, state_dict.get(key))
 
-
-def _detached_head(batch: Any, size: Optional[int]) -> Any:
-    if isinstance(batch, Tensor):
-        return (batch if size is None else batch[:size]).detach().clone()
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_detached_head(item, size) for item in batch)
-    if isinstance(batch, dict):
-        return {key: _detached_head(value, size) for key, value in batch.items()}
-    return batch

@@ -14,7 +14,7 @@ from torch.utils.hooks import RemovableHandle
 from traincraft._sharded import refuse_sharded
 from traincraft._steps import batches_stepped, completed_step_is_logging
 from traincraft.callbacks._lr_names import group_names
-from traincraft.callbacks._lr_updates import Oscillation, UpdateTracker, attach, detach
+from traincraft.callbacks._lr_updates import Oscillation, UpdateTracker, attach, release
 from traincraft.callbacks.curvature import CurvatureMonitor
 
 
@@ -189,9 +189,7 @@ class LearningRateGovernor(Callback):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
-        for tracker in self._trackers.values():
-            detach(self, tracker)
-        self._trackers = {}
+        release(self, self._trackers)
         for handle in self._handles:
             handle.remove()
         self._handles = []

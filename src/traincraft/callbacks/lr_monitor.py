@@ -12,7 +12,7 @@ from torch.optim import Optimizer
 from traincraft._sharded import refuse_sharded
 from traincraft._steps import batches_stepped, completed_step_is_logging, is_logging_step
 from traincraft.callbacks._lr_names import group_names
-from traincraft.callbacks._lr_updates import Oscillation, UpdateTracker, attach, detach
+from traincraft.callbacks._lr_updates import Oscillation, UpdateTracker, attach, release
 from traincraft.metrics.updates import adam_effective_lr
 
 _SKIPPED_HYPERPARAMETERS = {"lr", "initial_lr", "lr_multiplier", "params", "name"}
@@ -210,9 +210,7 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
         self._remove_hooks()
 
     def _remove_hooks(self) -> None:
-        for tracker in self._trackers.values():
-            detach(self, tracker)
-        self._trackers = {}
+        release(self, self._trackers)
 
     def state_dict(self) -> dict[str, Any]:
         if not self._oscillations:
