@@ -116,7 +116,7 @@ def buffer_cost(reps: int) -> dict[str, float]:
                          callbacks=[clip])
     datamodule = DigitsDataModule(image_size=16, batch_size=64)
     trainer.fit(model, datamodule=datamodule)
-    guard = clip._buffers
+    guard = clip._skipping.buffers
     flag = torch.zeros((), dtype=torch.bool)  # a healthy step: the restore still runs its torch.where
     images, labels = next(iter(datamodule.train_dataloader()))
     images = datamodule.on_after_batch_transfer((images, labels), 0)[0]  # float and normalized, as in training

@@ -172,7 +172,8 @@ def test_no_host_sync_on_non_logging_steps_even_when_a_step_is_skipped():
 class _GuardCopies(Callback):
     def on_train_end(self, trainer, pl_module) -> None:  # before the module's own on_train_end detaches the guard
         guard = pl_module._guard
-        self.copies = (guard.owns_skip, len(guard._buffers), len(guard._saved_buffers))
+        buffers = guard._module_buffers.groups if guard._module_buffers else []
+        self.copies = (guard.owns_skip, len(guard._undo), sum(len(group.tensors) for group in buffers))
 
 
 def test_with_gradient_clipping_the_callback_skips_and_the_module_copies_nothing():

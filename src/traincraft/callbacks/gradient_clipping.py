@@ -2,56 +2,21 @@
 
 from __future__ import annotations
 
-import copy
-import fnmatch
-import math
 from typing import Any, Literal, Optional
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
-from torch import Tensor
 
-from traincraft._steps import batch_steps, is_logging_step
-from traincraft.callbacks._clip_guard import BufferGuard, Slot, global_tensor_norms, local, shard_groups
-from traincraft.metrics.grad_norms import (
-    agc_coefficient,
-    clip_coefficient,
-    depth_slope,
-    ema_moments,
-    norm_from_power,
-    norm_power,
-    quantile_threshold,
-    tensor_norms,
-    zscore_threshold,
-)
+from traincraft._guard import local
+from traincraft._steps import is_logging_step
+from traincraft.callbacks._clip_config import agc_excluded, check_arguments, check_optimizers
+from traincraft.callbacks._clip_modes import ClipModes
+from traincraft.callbacks._clip_state import Slot
+from traincraft.callbacks._step_skipping import StepSkipping
+from traincraft.metrics.grad_norms import depth_slope
 
 Mode = Literal["norm", "value", "agc", "quantile", "zscore"]
-_SKIP_METHODS = ("auto", "found_inf", "snapshot", "sync")
-
-
-_FLOATS = ("threshold", "norm_type", "agc_clipping", "agc_eps", "quantile", "z_threshold", "ema_decay")
-_INTS = ("history_size", "warmup_steps", "max_consecutive_skips")
-_BOOLS = ("per_layer", "skip_spikes", "restore_buffers", "log_layer_norms", "log_depth_profile")
-
-
-def _check_types(args: dict[str, Any]) -> None:
-    """Wrong types (a YAML string, a bool for a number) named before any comparison fails obscurely."""
-    for name in _FLOATS:
-        value = args[name]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__}); write it without "
-                            "quotes, e.g. 1.0 (inf for norm_type is float('inf') or .inf in YAML).")
-    for name in _INTS:
-        value = args[name]
-        if (value is not None or name != "max_consecutive_skips") and (
-                isinstance(value, bool) or not isinstance(value, int)):
-            raise TypeError(f"{name} must be a whole number, got {value!r} ({type(value).__name__}); "
-                            f"e.g. {name}=10" + (" or None" if name == "max_consecutive_skips" else "") + ".")
-    for name in _BOOLS:
-        if not isinstance(args[name], bool):
-            raise TypeError(f"{name} must be True or False, got {args[name]!r} ({type(args[name]).__name__}).")
 
 
 class GradientClipping(Callback):
@@ -162,6 +127,10 @@ class GradientClipping(Callback):
         2
     """
 
+    # GradientClipping skips non-finite steps and restores the module's buffers itself: ImageClassifier's guard
+    # (which looks for this attribute, as modules may not import callbacks) then only records them
+    skips_nonfinite_steps = True
+
     def __init__(
         self,
         mode: Mode = "norm",
@@ -184,41 +153,7 @@ class GradientClipping(Callback):
         log_layer_norms: bool = False,
         log_depth_profile: bool = False,
     ) -> None:
-        _check_types(locals())
-        if mode not in ("norm", "value", "agc", "quantile", "zscore"):
-            raise ValueError(f"mode={mode!r} is not one of 'norm', 'value', 'agc', 'quantile', 'zscore'.")
-        if not (threshold > 0 and math.isfinite(threshold)):
-            raise ValueError(f"threshold must be a positive finite number, got {threshold!r}; e.g. 1.0 for "
-                             "mode='norm' or 0.01 for mode='value'.")
-        if not (norm_type == math.inf or norm_type > 0):
-            raise ValueError(f"norm_type must be > 0 or inf, got {norm_type!r}; 2.0 is the usual L2 norm.")
-        if per_layer and mode in ("value", "agc"):
-            raise ValueError(f"per_layer=True has no meaning for mode={mode!r}, which already acts per entry/unit; "
-                             "drop per_layer.")
-        if skip_spikes and mode == "agc":
-            raise ValueError("skip_spikes=True needs a norm threshold, and mode='agc' has none per step; use "
-                             "mode='norm', 'quantile' or 'zscore', or set skip_spikes=False.")
-        if not (agc_clipping > 0 and agc_eps >= 0 and math.isfinite(agc_clipping) and math.isfinite(agc_eps)):
-            raise ValueError(f"agc_clipping must be > 0 and agc_eps >= 0 (finite), got {agc_clipping}, {agc_eps}; "
-                             "Brock et al. use 0.01 and 1e-3.")
-        if isinstance(agc_exclude, str):
-            raise ValueError(f"agc_exclude must be a list of glob patterns, got the string {agc_exclude!r}; write "
-                             f"agc_exclude=[{agc_exclude!r}].")
-        if not 0.0 <= quantile <= 1.0:
-            raise ValueError(f"quantile must be in [0, 1], got {quantile}; AutoClip uses 0.1.")
-        if history_size < 1 or warmup_steps < 0:
-            raise ValueError(f"history_size must be >= 1 and warmup_steps >= 0, got {history_size}, {warmup_steps}; "
-                             "AutoClip keeps 1000 norms and ZClip warms up for 25 steps.")
-        if not (z_threshold > 0 and math.isfinite(z_threshold) and 0.0 <= ema_decay < 1.0):
-            raise ValueError(f"need 0 < z_threshold < inf and 0 <= ema_decay < 1, got {z_threshold}, {ema_decay}; "
-                             "ZClip uses 2.5 and 0.97.")
-        if max_consecutive_skips is not None and max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips must be >= 1 or None, got {max_consecutive_skips}; None never "
-                             "stops training, 10 is the default.")
-        if on_consecutive_skips not in ("raise", "restore"):
-            raise ValueError(f"on_consecutive_skips={on_consecutive_skips!r} is not 'raise' or 'restore'.")
-        if skip_method not in _SKIP_METHODS:
-            raise ValueError(f"skip_method={skip_method!r} is not one of {_SKIP_METHODS}.")
+        check_arguments(locals())
         self.mode, self.threshold, self.norm_type, self.per_layer = mode, float(threshold), float(norm_type), per_layer
         self.agc_clipping, self.agc_eps, self.agc_exclude = agc_clipping, agc_eps, agc_exclude
         self.quantile, self.history_size = quantile, history_size
@@ -227,11 +162,13 @@ class GradientClipping(Callback):
         self.on_consecutive_skips, self.skip_method = on_consecutive_skips, skip_method
         self.restore_buffers = restore_buffers
         self.log_layer_norms, self.log_depth_profile = log_layer_norms, log_depth_profile
+        self._modes = ClipModes(mode, float(threshold), float(norm_type), per_layer, agc_clipping, agc_eps, quantile,
+                                history_size, z_threshold, ema_decay, warmup_steps)
+        self._skipping = StepSkipping(skip_method, restore_buffers, max_consecutive_skips, on_consecutive_skips,
+                                      skip_spikes)
         self._slots: list[Slot] = []  # one per optimizer, kept across fits (their statistics are training state)
         self._by_optimizer: dict[int, Slot] = {}
         self._loaded: Optional[list[dict[str, Any]]] = None
-        self._buffers: Optional[BufferGuard] = None
-        self._window_open = False  # an accumulation window's buffer snapshot is taken
         self._fitting = False  # between on_fit_start and teardown: a loaded state applies at once
 
     @property
@@ -249,107 +186,30 @@ class GradientClipping(Callback):
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         optimizers = list(trainer.optimizers)
-        seen: dict[int, int] = {}
-        for i, optimizer in enumerate(optimizers):
-            for g in optimizer.param_groups:
-                for p in g["params"]:
-                    if seen.setdefault(id(p), i) != i:
-                        raise ValueError(f"a parameter is in optimizers {seen[id(p)]} and {i}: GradientClipping "
-                                         "clips each optimizer by the norm of its own parameters, so each must hold "
-                                         "different ones. Give every parameter to one optimizer only.")
-        all_params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
-        groups = shard_groups(all_params, type(self).__name__)
-        if groups is not None and self.mode == "agc":
-            raise ValueError("GradientClipping(mode='agc') cannot run on sharded parameters (DTensor): the norm of a "
-                             "unit may be split over ranks. Use mode='norm', 'quantile' or 'zscore', which reduce "
-                             "the norms over the shards, or train with an unsharded strategy.")
-        if groups is not None and getattr(trainer.strategy, "gradient_norm_group", None) is not None:
-            raise ValueError(f"{type(trainer.strategy).__name__} names a gradient_norm_group and the parameters are "
-                             "sharded (DTensor): GradientClipping reduces norms over one of the two, not both. Use a "
-                             "strategy that does only one of them.")
+        groups = check_optimizers(optimizers, self.mode, trainer.strategy, type(self).__name__)
         if len(self._slots) != len(optimizers):
             self._slots = [Slot(i) for i in range(len(optimizers))]
         names = {id(p): n for n, p in pl_module.named_parameters()}
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
         for slot, optimizer in zip(self._slots, optimizers, strict=True):
-            fused = all(g.get("fused") for g in optimizer.param_groups)
-            method = self.skip_method
-            if method == "auto":
-                on_cpu = all(p.device.type == "cpu" for g in optimizer.param_groups for p in g["params"])
-                # reading a CPU scalar is a memory load, not a device sync: cheaper than copying every parameter
-                method = "found_inf" if fused and scaler is None else ("sync" if on_cpu else "snapshot")
-            which = f"optimizer {slot.index} ({type(optimizer).__name__})"
-            if method == "found_inf" and not fused:
-                raise ValueError(f"skip_method='found_inf' needs a fused optimizer, and {which} is not "
-                                 f"({type(optimizer).__name__}(..., fused=True)); use skip_method='auto', "
-                                 "'snapshot' or 'sync'.")
-            if method == "found_inf" and scaler is not None:
-                raise ValueError("skip_method='found_inf' cannot be used under fp16 AMP, whose GradScaler sets the "
-                                 "optimizer's found_inf itself; use skip_method='snapshot' or 'sync'.")
-            suffix = "" if len(optimizers) == 1 else f"/opt{slot.index}"
-            slot.bind(optimizer, names, method, scaler, fused, suffix, groups)
-            slot.weights = [i for i, p in enumerate(slot.params) if p.ndim >= 2][::-1]  # output to input
-            slot.agc_skip = self._agc_excluded(slot)
-            slot.since_log = 0
+            slot.bind(optimizer, names, "" if len(optimizers) == 1 else f"/opt{slot.index}", groups)
+            slot.agc_skip = agc_excluded(slot.names, self.agc_exclude)
+        self._skipping.bind(trainer, pl_module, self._slots)
         self._by_optimizer = {id(s.optimizer): s for s in self._slots}
         self._apply_loaded()
-        self._buffers = BufferGuard(pl_module, self._slots) if self.restore_buffers else None
-        self._window_open = False
         self._fitting = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        for slot in self._slots:
-            slot.unbind()
+        self._skipping.unbind()
         self._fitting = False
-
-    def _agc_excluded(self, slot: Slot) -> set[int]:
-        if self.agc_exclude is None:  # this optimizer's last layer: the output layer (of each network of a GAN)
-            last = slot.names[-1:] or [""]
-            prefix = last[0].rsplit(".", 1)[0] + "."
-            return {i for i, n in enumerate(slot.names) if n.startswith(prefix)}
-        return {i for i, n in enumerate(slot.names) if any(fnmatch.fnmatchcase(n, pat) for pat in self.agc_exclude)}
-
-    def _init_state(self, slot: Slot, device: torch.device) -> None:
-        groups = len(slot.params) if self.per_layer else 1
-        zeros = lambda: torch.zeros(groups, device=device)  # noqa: E731
-        state = {
-            "history": torch.full((self.history_size if self.mode == "quantile" else 0, groups), math.nan,
-                                  device=device),
-            "mean": zeros(), "var": zeros(), "warm_sum": zeros(), "warm_sq": zeros(), "warm_n": zeros(),
-            "skipped": torch.zeros((), dtype=torch.int64, device=device),
-            "streak": torch.zeros((), dtype=torch.int64, device=device),
-            "max_streak": torch.zeros((), dtype=torch.int64, device=device),
-            "clipped": torch.zeros((), dtype=torch.int64, device=device),
-        }
-        loaded = slot.loaded or (slot.state if slot.state else None)  # a checkpoint, or statistics on another device
-        if loaded is not None:
-            if loaded["history"].shape != state["history"].shape:
-                raise ValueError(f"the checkpointed GradientClipping history of optimizer {slot.index} has shape "
-                                 f"{tuple(loaded['history'].shape)} but this run needs {tuple(state['history'].shape)}:"
-                                 " resume with the same history_size and parameters, or start without the "
-                                 "callback's state.")
-            state.update({k: v.to(device) for k, v in loaded.items()})
-            slot.loaded = None
-        slot.state = state
 
     # ---------------------------------------------------------------- per batch: the buffers' window
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        for slot in self._slots:
-            slot.batch_skip = None
-        if self._buffers and not self._window_open:  # the first micro-batch of an accumulation window
-            self._buffers.snapshot()
-            self._window_open = True
+        self._skipping.batch_start()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not batch_steps(trainer):
-            return  # the window goes on: its forward passes are undone together if its step is skipped
-        self._window_open = False
-        if self._buffers:
-            self._buffers.restore({s.index: s.batch_skip for s in self._slots if s.batch_skip is not None})
-        for slot in self._slots:
-            slot.batch_skip = None
+        self._skipping.batch_end(trainer)
 
     # ---------------------------------------------------------------- per step
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -364,22 +224,24 @@ class GradientClipping(Callback):
         grads = [local(slot.params[i].grad) for i in present]
         device = grads[0].device
         if not slot.state or slot.state["skipped"].device != device:
-            self._init_state(slot, device)
+            history = self.history_size if self.mode == "quantile" else 0
+            slot.init_state(device, len(slot.params) if self.per_layer else 1, history)
         if slot.scaler is not None and slot.fused:
             slot.scaler.unscale_(optimizer)  # fused optimizers unscale inside step(): we must see true gradients
-        self._group = getattr(trainer.strategy, "gradient_norm_group", None)
+        modes = self._modes
+        modes.group = getattr(trainer.strategy, "gradient_norm_group", None)
         s = slot.state
-        norms = self._norms(slot, present, grads, self.norm_type)
-        total = self._global_norm(norms)
+        norms = modes.norms(slot, present, grads, self.norm_type)
+        total = modes.global_norm(norms)
         finite = torch.isfinite(total)
         if self.per_layer:
             index = slot.present_index(present, device)
             group_norms = torch.zeros(len(slot.params), device=device).index_put_((index,), norms)
         else:
             group_norms = total.reshape(1)
-        threshold = self._threshold(slot, group_norms)
-        clipped, post = self._clip(slot, grads, present, norms, group_norms, threshold, total)
-        self._update_statistics(slot, group_norms, threshold, finite)
+        threshold = modes.threshold_for(slot, group_norms)
+        clipped, post = modes.clip(slot, grads, present, norms, group_norms, threshold, total)
+        modes.update_statistics(slot, group_norms, threshold, finite)
         skip = ~finite
         if self.skip_spikes:
             skip = skip | (group_norms > threshold).any()
@@ -391,86 +253,14 @@ class GradientClipping(Callback):
         slot.since_log += 1
         logging = is_logging_step(trainer)
         if logging and post is None:
-            post = self._global_norm(self._norms(slot, present, grads, self.norm_type))
-        slot.prepare_skip(present, skip)
+            post = modes.global_norm(modes.norms(slot, present, grads, self.norm_type))
+        self._skipping.prepare(slot, present, skip)
         if logging:
             self._report(trainer, pl_module, slot, present, total, post, threshold, norms)
         elif slot.method == "sync":
-            self._ladder(trainer, pl_module, slot, slot.host_streak)  # the flag is on the host already
+            self._skipping.ladder(trainer, pl_module, slot, slot.host_streak)  # the flag is on the host already
 
-    def _norms(self, slot: Slot, present: list[int], grads: list[Tensor], norm_type: float) -> Tensor:
-        """Per-tensor norms of whole gradients: local ones, or the shards' combined over the mesh."""
-        norms = tensor_norms(grads, norm_type).to(grads[0].device)
-        if slot.groups is None:
-            return norms
-        key = ("mask", *present)
-        if key not in slot.index_cache:  # built once per set of present gradients
-            slot.index_cache[key] = torch.tensor([slot.sharded[i] for i in present], device=norms.device)
-        return global_tensor_norms(norms, slot.index_cache[key], slot.groups, norm_type)
-
-    def _global_norm(self, norms: Tensor) -> Tensor:
-        power = norm_power(norms, self.norm_type)
-        if self._group is not None and dist.is_available() and dist.is_initialized():
-            op = dist.ReduceOp.MAX if self.norm_type == math.inf else dist.ReduceOp.SUM
-            dist.all_reduce(power, op=op, group=self._group)  # ranks hold different parameters: add their shares
-        return norm_from_power(power, self.norm_type)
-
-    def _threshold(self, slot: Slot, group_norms: Tensor) -> Tensor:
-        s = slot.state
-        if self.mode == "quantile":
-            # non-finite norms enter as NaN, which the quantile ignores
-            s["history"][slot.steps % self.history_size] = torch.where(
-                torch.isfinite(group_norms), group_norms, torch.full_like(group_norms, math.nan))
-            return quantile_threshold(s["history"], self.quantile)
-        if self.mode == "zscore":
-            if slot.steps < self.warmup_steps:
-                return torch.full_like(group_norms, math.inf)
-            return zscore_threshold(s["mean"], s["var"], self.z_threshold)
-        return torch.full_like(group_norms, self.threshold)
-
-    def _update_statistics(self, slot: Slot, group_norms: Tensor, threshold: Tensor, finite: Tensor) -> None:
-        if self.mode != "zscore":
-            return
-        s = slot.state
-        ok = torch.isfinite(group_norms) & finite
-        value = torch.where(ok, group_norms, torch.zeros_like(group_norms))
-        if slot.steps < self.warmup_steps:
-            s["warm_sum"] += value
-            s["warm_sq"] += value * value
-            s["warm_n"] += ok
-            n = s["warm_n"].clamp(min=1)
-            s["mean"] = s["warm_sum"] / n
-            s["var"] = (s["warm_sq"] / n - s["mean"] ** 2).clamp(min=0)
-        else:  # the moments follow the clipped norm, so a spike does not inflate the next threshold
-            mean, var = ema_moments(s["mean"], s["var"], torch.minimum(value, threshold), self.ema_decay)
-            s["mean"], s["var"] = torch.where(ok, mean, s["mean"]), torch.where(ok, var, s["var"])
-
-    def _clip(self, slot, grads, present, norms, group_norms, threshold, total) -> tuple[Tensor, Optional[Tensor]]:
-        """Clip in place; returns (whether anything was clipped, the post-clip global norm where it comes free)."""
-        if self.mode == "value":
-            peak = norms if self.norm_type == math.inf else self._norms(slot, present, grads, math.inf)
-            torch._foreach_clamp_min_(grads, -self.threshold)
-            torch._foreach_clamp_max_(grads, self.threshold)
-            return (peak > self.threshold).any(), None
-        if self.mode == "agc":
-            clipped = torch.zeros((), dtype=torch.bool, device=total.device)
-            for i, g in zip(present, grads, strict=True):
-                if i not in slot.agc_skip:
-                    coef = agc_coefficient(slot.params[i], g, self.agc_clipping, self.agc_eps)
-                    clipped = clipped | (coef < 1).any()
-                    g.mul_(coef)
-            return clipped, None
-        coef = clip_coefficient(group_norms, threshold)
-        if self.per_layer:
-            per_tensor = coef[slot.present_index(present, coef.device)]
-            torch._foreach_mul_(grads, list(per_tensor.unbind()))
-            post = self._global_norm(norms * per_tensor)
-        else:
-            torch._foreach_mul_(grads, coef[0])
-            post = total * coef[0]
-        return (coef < 1).any(), post
-
-    # ---------------------------------------------------------------- logging and the ladder
+    # ---------------------------------------------------------------- logging
     def _report(self, trainer, pl_module, slot, present, total, post, threshold, norms) -> None:
         s = slot.state
         values = [total, post, s["skipped"], s["streak"], s["max_streak"], s["clipped"], threshold.max()]
@@ -500,59 +290,12 @@ class GradientClipping(Callback):
         s["max_streak"].copy_(s["streak"])
         slot.since_log = 0
         pl_module.log_dict(metrics, on_step=True, on_epoch=False, batch_size=1)
-        self._ladder(trainer, pl_module, slot, int(max_streak), healthy=max_streak == 0 and streak == 0)
-
-    def _ladder(self, trainer, pl_module, slot: Slot, streak: int, healthy: bool = False) -> None:
-        limit = self.max_consecutive_skips
-        optimizer = slot.optimizer
-        if limit is None or streak < limit:
-            if healthy and self.on_consecutive_skips == "restore":
-                slot.healthy = {"params": [p.detach().clone() for p in slot.params],
-                                "buffers": self._owned_buffers(pl_module, slot),
-                                "optimizer": copy.deepcopy(optimizer.state_dict())}
-                slot.restored_from_current = False
-            return
-        which = "" if len(self._slots) == 1 else f"optimizer {slot.index} ({type(optimizer).__name__}) "
-        what = (f"GradientClipping skipped {streak} {which}optimizer steps in a row (limit "
-                f"max_consecutive_skips={limit}) at global step {trainer.global_step}: the gradient norm was not "
-                "finite" + (" or above the threshold (skip_spikes=True)" if self.skip_spikes else "") + ". ")
-        if self.on_consecutive_skips == "raise" or slot.healthy is None or slot.restored_from_current:
-            why = "" if self.on_consecutive_skips == "raise" else (
-                "No healthy snapshot is left to restore. " if slot.restored_from_current or slot.healthy
-                else "No healthy logging step has been seen yet to restore from. ")
-            raise RuntimeError(what + why + "Lower the learning rate, check the data for NaN/inf and the loss for "
-                               "log(0) or division by zero, or use a bf16/fp32 precision.")
-        with torch.no_grad():
-            for p, saved in zip(slot.params, slot.healthy["params"], strict=True):
-                p.copy_(saved)
-            for name, saved in slot.healthy["buffers"].items():
-                pl_module.get_buffer(name).copy_(saved)
-        optimizer.load_state_dict(slot.healthy["optimizer"])
-        slot.restored_from_current = True
-        for p in slot.params:  # this step's gradients belong to the weights we just threw away
-            p.grad = None
-        slot.pending = None
-        slot.batch_skip = None  # the snapshot holds the buffers too: the batch-end restore must not undo it
-        if hasattr(optimizer, "found_inf"):
-            del optimizer.found_inf
-        slot.state["streak"].zero_()
-        slot.state["max_streak"].zero_()
-        slot.host_streak = 0
-
-    def _owned_buffers(self, pl_module: pl.LightningModule, slot: Slot) -> dict[str, Tensor]:
-        """Copies of the persistent buffers a healthy snapshot restores with this optimizer's parameters."""
-        owned = {id(t) for group in (self._buffers.groups if self._buffers else [])
-                 for t in group.tensors if group.owner in (slot.index, BufferGuard.SHARED)}
-        if len(self._slots) == 1:
-            owned = None  # one optimizer owns every buffer
-        return {n: b.detach().clone() for n, b in pl_module.named_buffers()
-                if owned is None or id(local(b)) in owned}
+        self._skipping.ladder(trainer, pl_module, slot, int(max_streak), healthy=max_streak == 0 and streak == 0)
 
     # ---------------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:
         """``steps`` and ``tensors`` of the first optimizer (the single-optimizer format), then the others'."""
-        entries = [{"steps": s.steps, "tensors": {k: v.detach().cpu() for k, v in s.state.items()} if s.state
-                    else (s.loaded or {})} for s in self._slots] or (self._loaded or [{"steps": 0, "tensors": {}}])
+        entries = [s.entry() for s in self._slots] or (self._loaded or [{"steps": 0, "tensors": {}}])
         return {**entries[0], "optimizers": entries[1:]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

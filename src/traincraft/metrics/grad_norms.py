@@ -21,6 +21,7 @@ __all__ = [
     "quantile_threshold",
     "tensor_norms",
     "unitwise_norm",
+    "warmup_moments",
     "zscore_threshold",
 ]
 
@@ -155,6 +156,20 @@ def ema_moments(mean: Tensor, var: Tensor, value: Tensor, decay: float) -> tuple
     new_mean = decay * mean + (1.0 - decay) * value
     new_var = decay * var + (1.0 - decay) * (value - new_mean) ** 2
     return new_mean, new_var
+
+
+def warmup_moments(total: Tensor, total_sq: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (population) variance from running sums, as ZClip estimates them over its warm-up steps.
+
+    ``count`` is floored at 1, so no value yet gives zeros; the variance is clamped at 0 against rounding.
+
+    Example:
+        >>> warmup_moments(torch.tensor(6.0), torch.tensor(14.0), torch.tensor(3.0))
+        (tensor(2.), tensor(0.6667))
+    """
+    n = count.clamp(min=1)
+    mean = total / n
+    return mean, (total_sq / n - mean**2).clamp(min=0)
 
 
 def zscore_threshold(mean: Tensor, var: Tensor, z: float) -> Tensor:

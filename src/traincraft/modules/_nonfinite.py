@@ -22,20 +22,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from traincraft._guard import BufferGuard, StepUndo
+
 LOSS, LABELS, GRADS = 1, 2, 4  # bits of what was wrong in a step
 # slots of the int64 record
 _TOTAL, _SINCE, _STEP, _EPOCH, _BATCH, _BITS, _ALL_BITS, _LO, _HI = range(9)
 _NO_LABEL = 2**62
-
-
-def _zeros_are_fresh(optimizer: Any) -> bool:
-    """Whether all-zero state (step counts included) acts exactly as no state: true for the optimizers that create
-    zeros (Adam, AdamW, Adamax, RAdam, RMSprop, Adadelta) and for SGD without dampening (a zero momentum buffer gives
-    ``0·momentum + grad``, the first step's ``clone(grad)``); not for NAdam (``mu_product`` starts at 1) or ASGD."""
-    optim = torch.optim
-    if type(optimizer) in (optim.Adam, optim.AdamW, optim.Adamax, optim.RAdam, optim.RMSprop, optim.Adadelta):
-        return True
-    return type(optimizer) is optim.SGD and all(g.get("dampening", 0) == 0 for g in optimizer.param_groups)
 
 
 @dataclass(frozen=True)
@@ -63,12 +55,9 @@ class NonFiniteGuard:
         self._loss: Optional[Tensor] = None
         self._window: Optional[Tensor] = None  # LOSS/LABELS bits of the accumulation window
         self._window_loss: Optional[Tensor] = None
-        self._hooks: list[Any] = []
-        self._pending: dict[int, dict[str, Any]] = {}
-        self._buffers: dict[int, tuple[tuple[int, ...], list[Tensor]]] = {}
+        self._undo: dict[int, StepUndo] = {}  # by id(optimizer), when this guard skips
         self._warned_host_state = False
-        self._module_buffers: list[Tensor] = []
-        self._saved_buffers: list[Tensor] = []
+        self._module_buffers: Optional[BufferGuard] = None
         self._window_open = False
 
     # ---------------------------------------------------------------- set-up
@@ -77,8 +66,7 @@ class NonFiniteGuard:
         device = module.device
         self.owns_skip = owns_skip
         # BatchNorm's running statistics change in the forward pass, before any skip: saved at each window's start
-        self._module_buffers = [b for b in module.buffers() if b.device == device] if buffers else []
-        self._saved_buffers = [torch.empty_like(b) for b in self._module_buffers]
+        self._module_buffers = BufferGuard(module, persistent_only=False, device=device) if buffers else None
         self._window_open = False
         self._rec = torch.zeros(9, dtype=torch.int64, device=device)
         self._rec[_STEP:_BITS].fill_(-1)
@@ -87,12 +75,13 @@ class NonFiniteGuard:
         self._window = torch.zeros((), dtype=torch.int64, device=device)
         self._window_loss = torch.zeros((), device=device)
         if owns_skip:
-            self._hooks = [opt.register_step_post_hook(self._after_step) for opt in optimizers]
+            self._undo = {id(opt): StepUndo(opt, zero_fresh_state=True, on_host_state=self._warn_host_state)
+                          for opt in optimizers}
 
     def detach(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks, self._pending, self._buffers = [], {}, {}
+        for undo in self._undo.values():
+            undo.remove()
+        self._undo = {}
 
     @property
     def attached(self) -> bool:
@@ -102,7 +91,7 @@ class NonFiniteGuard:
     def start_batch(self) -> None:
         """In ``on_train_batch_start``: save the buffers when the batch opens an accumulation window."""
         if not self._window_open and self._module_buffers:
-            torch._foreach_copy_(self._saved_buffers, self._module_buffers)
+            self._module_buffers.snapshot()
         self._window_open = True
 
     def note_batch(self, loss: Tensor, labels_bad: Optional[Tensor], labels: Optional[Tensor]) -> Tensor:
@@ -138,63 +127,12 @@ class NonFiniteGuard:
         rec[_ALL_BITS] |= bits
         torch.where(first, self._window_loss, self._loss, out=self._loss)
         self._window_loss.zero_()
-        if self._window_open:
-            with torch.no_grad():
-                for live, saved in zip(self._module_buffers, self._saved_buffers, strict=True):
-                    torch.where(bad, saved, live, out=live)
+        if self._window_open and self._module_buffers:
+            self._module_buffers.restore({0: bad})
         self._window_open = False
-        if self.owns_skip and params:
-            self._snapshot(optimizer, params, bad)
-
-    # ---------------------------------------------------------------- exact skip
-    def _snapshot(self, optimizer: Any, params: list[Tensor], bad: Tensor) -> None:
-        pending: dict[str, Any] = {"bad": bad, "params": params,
-                                   "had_state": [bool(optimizer.state.get(p)) for p in params]}
-        if all(group.get("fused") for group in optimizer.param_groups):
-            optimizer.found_inf = bad.float()  # fused kernels leave parameters and state untouched when nonzero
-        else:
-            live = [p.detach() for p in params] + [
-                t for p in params for t in optimizer.state.get(p, {}).values() if isinstance(t, Tensor)]
-            key = tuple(id(t) for t in live)
-            cached = self._buffers.get(id(optimizer))
-            if cached is None or cached[0] != key:  # allocated once per set of tensors (state is created once)
-                cached = (key, [torch.empty_like(t) for t in live])
-                self._buffers[id(optimizer)] = cached
-            torch._foreach_copy_(cached[1], live)
-            pending["live"], pending["saved"] = live, cached[1]
-        self._pending[id(optimizer)] = pending
-
-    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        pending = self._pending.pop(id(optimizer), None)
-        if pending is None:
-            return
-        bad = pending["bad"]
-        if "live" not in pending:
-            del optimizer.found_inf
-        else:
-            flags = {bad.device: bad}
-            with torch.no_grad():
-                for t, saved in zip(pending["live"], pending["saved"], strict=True):
-                    if t.device not in flags:
-                        self._warn_host_state(optimizer)
-                        # sync point: optimizer state kept on the host (non-fused, non-capturable Adam's step
-                        # counts on an accelerator); fused=True or capturable=True keep it on the device
-                        flags[t.device] = bad.to(t.device)
-                    torch.where(flags[t.device], saved, t, out=t)
-        # A skipped step must not leave behind state it created (fused SGD even leaves an uninitialized buffer).
-        created = [p for p, had in zip(pending["params"], pending["had_state"], strict=True)
-                   if not had and optimizer.state.get(p)]
-        if not created:
-            return
-        if _zeros_are_fresh(optimizer):  # zeroed state is what the optimizer would create: no need to read the flag
-            with torch.no_grad():
-                for p in created:
-                    for t in optimizer.state[p].values():
-                        if isinstance(t, Tensor):
-                            t.masked_fill_(bad.to(t.device) if t.device != bad.device else bad, 0)
-        elif bad.item():  # sync point: only the step at which an optimizer of another kind creates its state
-            for p in created:
-                del optimizer.state[p]
+        undo = self._undo.get(id(optimizer))
+        if undo is not None and params:
+            undo.arm(params, bad, fused=all(group.get("fused") for group in optimizer.param_groups))
 
     def _warn_host_state(self, optimizer: Any) -> None:
         if not self._warned_host_state:

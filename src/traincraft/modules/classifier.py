@@ -333,9 +333,8 @@ class ImageClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------- the non-finite guard
     def on_train_start(self) -> None:
-        from traincraft.callbacks.gradient_clipping import GradientClipping
-
-        clipping = any(isinstance(cb, GradientClipping) for cb in self.trainer.callbacks)
+        # GradientClipping says so by a class attribute: modules may not import callbacks
+        clipping = any(getattr(cb, "skips_nonfinite_steps", False) for cb in self.trainer.callbacks)
         scaler = getattr(self.trainer.precision_plugin, "scaler", None) is not None
         # GradientClipping skips non-finite gradients and restores the buffers itself; fp16's GradScaler only skips
         self._guard.attach(self.trainer.optimizers, self, owns_skip=not (clipping or scaler), buffers=not clipping)
