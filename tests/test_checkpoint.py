@@ -226,7 +226,7 @@ def test_an_exception_mid_write_leaves_the_previous_file_intact_and_no_temporary
 
 
 def test_the_next_save_removes_only_temporaries_of_dead_writers_of_this_host(tmp_path):
-    from traincraft.checkpoint import _HOST
+    from traincraft._atomic_write import _HOST
 
     folder = tmp_path / "ckpts"
     folder.mkdir()

@@ -12,33 +12,36 @@ File layout: a checkpoint is the unchanged ``torch.save`` zip archive whose zip 
 the end-of-central-directory record) holds ``traincraft-checkpoint sha256=<64 hex digits>``: the hash of every
 byte before the comment-length field. It stays a valid zip and a valid ``torch.load`` input, and checkpoint and
 record are replaced by one atomic rename, so no crash can leave them out of step (a sidecar file could).
+The byte format is ``_checkpoint_format.py``'s, the crash-safe write ``_atomic_write.py``'s.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
-import re
-import secrets
-import socket
 import zipfile
 from collections.abc import Callable
-from contextlib import suppress
 from datetime import datetime
-from typing import IO, Any, Optional
+from typing import Any, Optional
 
 import torch
 from fsspec.core import url_to_fs
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
+from traincraft._atomic_write import _write_atomically
+from traincraft._checkpoint_format import (
+    _EOCD,
+    _MAGIC,
+    _RECORD_LEN,
+    _describe_foreign,
+    _digest,
+    _hash_prefix,
+    _recorded_digest,
+)
+
 __all__ = ["CheckpointError", "SafeCheckpointIO", "seal", "verify_checkpoint"]
 
-_MAGIC = b"traincraft-checkpoint sha256="
-_RECORD_LEN = len(_MAGIC) + 64
-_EOCD = b"PK\x05\x06"  # zip end-of-central-directory signature; the record is 22 bytes before its comment
-_CHUNK = 1 << 22
 _LISTED = 5  # other checkpoints verified and listed in an error message
 
 
@@ -48,32 +51,6 @@ class CheckpointError(ValueError):
     The message names the file, says what is wrong and lists the other checkpoints of its directory. A
     ``ValueError``, so the ``traincraft`` command prints it in one line (exit status 2) instead of a traceback.
     """
-
-
-_HOST = re.sub(r"[^A-Za-z0-9_]", "_", socket.gethostname()) or "host"
-_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_]+)-(?P<pid>\d+)-[0-9a-f]{8}\.tmp$")
-
-
-def _temporary_name(name: str) -> str:
-    return f".{name}.{_HOST}-{os.getpid()}-{secrets.token_hex(4)}.tmp"
-
-
-def _is_stale_temporary(entry: str) -> bool:
-    """A temporary file of a save whose writer, a process of this host, is gone (killed mid-save)."""
-    match = _TEMPORARY.match(entry)
-    if match is None or match["host"] != _HOST or os.name == "nt":  # other hosts' writers cannot be checked
-        return False
-    try:
-        os.kill(int(match["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, OverflowError):
-        return False
-    return False
-
-
-def _digest(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def seal(data: bytes | memoryview) -> list[memoryview | bytes]:
@@ -92,50 +69,6 @@ def seal(data: bytes | memoryview) -> list[memoryview | bytes]:
     body = view[:-2]  # everything but the comment length, which the record changes
     record = _MAGIC + _digest(body).encode()
     return [body, _RECORD_LEN.to_bytes(2, "little"), record]
-
-
-def _recorded_digest(f: IO[bytes], size: int) -> Optional[str]:
-    """The sha256 recorded in the file's zip comment, or None if it has no traincraft record."""
-    span = _RECORD_LEN + 22
-    if size < span:
-        return None
-    f.seek(size - span)
-    tail = f.read(span)
-    if tail[:4] != _EOCD or tail[20:22] != _RECORD_LEN.to_bytes(2, "little") or not tail[22:].startswith(_MAGIC):
-        return None
-    return tail[len(_MAGIC) + 22 :].decode("ascii", errors="replace")
-
-
-def _hash_prefix(f: IO[bytes], length: int) -> str:
-    f.seek(0)
-    digest = hashlib.sha256()
-    while length > 0:
-        chunk = f.read(min(_CHUNK, length))
-        if not chunk:
-            break
-        digest.update(chunk)
-        length -= len(chunk)
-    return digest.hexdigest()
-
-
-def _describe_foreign(head: bytes) -> str:
-    if head.startswith(b"\x89HDF"):
-        return "an HDF5 file (Keras/h5py), not a PyTorch checkpoint"
-    if head.startswith(b"\x93NUMPY"):
-        return "a NumPy .npy array, not a PyTorch checkpoint"
-    if head.startswith(b"GGUF"):
-        return "a GGUF model file, not a PyTorch checkpoint"
-    if len(head) >= 10 and head[8:10] == b'{"':
-        return "a safetensors file, not a Lightning checkpoint: load it with safetensors.torch.load_file()"
-    for cut in range(4):  # the head may end inside a multi-byte character
-        try:
-            text = head[: len(head) - cut].decode("utf-8")
-        except UnicodeDecodeError:
-            continue
-        if text and all(c.isprintable() or c.isspace() for c in text):
-            return f"a text file (it starts with {text[:24]!r}), not a PyTorch checkpoint"
-        break
-    return f"not a PyTorch checkpoint: it starts with unrecognized bytes {head[:8].hex(' ')}"
 
 
 def _inspect(path: str) -> Optional[str]:
@@ -255,43 +188,6 @@ def verify_checkpoint(path: _PATH, require_record: bool = False) -> Optional[str
         raise _refuse(path, "carries no integrity record (it was not saved by SafeCheckpointIO) and "
                             "require_record=True")
     return digest
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # a platform that cannot open directories (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some network filesystems refuse fsync on a directory; the rename is already issued
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: str, pieces: list[memoryview | bytes]) -> None:
-    """Temporary file beside ``path`` (same filesystem), flushed and fsync'd, renamed over it, directory fsync'd."""
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    for entry in os.listdir(directory):  # left by a save that was killed: never a checkpoint, safe to drop
-        if _is_stale_temporary(entry):
-            with suppress(FileNotFoundError):
-                os.unlink(os.path.join(directory, entry))
-    temporary = os.path.join(directory, _temporary_name(name))
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for piece in pieces:
-                f.write(piece)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)  # atomic on one filesystem: readers see the old file or the new one
-    except BaseException:
-        with suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(directory)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
