@@ -10,39 +10,33 @@ lecture); with momentum it is the middle of the band where the sharpest directio
 momentum allows. The margin of 2 is there because training at a fixed η sharpens the loss until λ_max reaches the
 limit 2/η ("progressive sharpening", Cohen et al. 2021, "edge of stability"), and because λ_max is measured on a
 few batches near the start: the curvature the run meets later is larger.
+
+The step's curvature and the thresholds by optimizer kind are ``_step_curvature.py``'s; the module's one
+optimizer, its batches and the snapshot that leaves it as it was are ``_probe_module.py``'s.
 """
 
 from __future__ import annotations
 
-import copy
 import math
-import random
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
-from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.optim import Optimizer
 
 from traincraft.callbacks.curvature import CurvatureMonitor
-from traincraft.metrics.hessian import (
-    DoubleBackwardError,
-    effective_rate_diagonal,
-    hessian_vector_operator,
-    is_preconditioned,
-    lanczos,
-    params_of,
-    scaled_operator,
-    stability_threshold,
+from traincraft.metrics.hessian import is_preconditioned, stability_threshold
+from traincraft.optim._probe_module import _concatenate, _cycle, _prepare, _single_optimizer, _Snapshot
+from traincraft.optim._step_curvature import (
+    _check_fraction,
+    _describe,
+    _step_sharpness,
+    _threshold_of_kind,
+    _unknown_optimizer,
 )
-
-_KINDS = ("sgd", "adam", "adamw")
 
 
 @dataclass(frozen=True)
@@ -226,142 +220,3 @@ def suggest_learning_rate(
                         batches=batches, warmup_steps=warmup_steps,
                         seconds=time.perf_counter() - began)
 
-
-def _step_sharpness(module: pl.LightningModule, monitor: CurvatureMonitor, batch: Any, optimizer: Optimizer,
-                    iterations: int, device: torch.device) -> float:
-    """η·λ_max of one step of ``optimizer``: the largest eigenvalue of D^½HD^½, D its per-weight step size (the
-    group rates for SGD, η/(√v̂+ε) for Adam), by Lanczos on exact Hessian-vector products, as CurvatureMonitor's
-    second run does (one run here: the plain Hessian's is not needed)."""
-    params = params_of(module)
-    diagonal = effective_rate_diagonal(optimizer, params)
-    generator = torch.Generator(device=device).manual_seed(0)
-    start = torch.randn(diagonal.numel(), generator=generator, device=device)
-    # fp32 outside autocast, and the math attention kernel: the fused ones have no double backward
-    with torch.autocast(device.type, enabled=False), torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        try:
-            hvp, _ = hessian_vector_operator(monitor._loss(module, batch).float(), params)
-            pairs = lanczos(scaled_operator(hvp, diagonal), start, iterations, generator)
-        except DoubleBackwardError as error:
-            monitor._probe_batch = batch  # the monitor names the module that cannot be differentiated twice
-            raise monitor._name_the_module(module, error) from error
-    return pairs.lambda_max.item()
-
-
-class _Snapshot:
-    """Everything a warm-up and a probe may change on a module, and puts it back."""
-
-    def __init__(self, module: torch.nn.Module) -> None:
-        self.module = module
-        self.state = copy.deepcopy(module.state_dict(keep_vars=False))
-        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in module.parameters()]
-        self.modes = [(m, m.training) for m in module.modules()]
-        self.python, self.numpy = random.getstate(), np.random.get_state()
-
-    def restore(self) -> None:
-        with torch.no_grad():
-            self.module.load_state_dict(self.state)
-        for param, grad in self.grads:
-            param.grad = grad
-        for submodule, training in self.modes:
-            submodule.training = training
-        random.setstate(self.python)
-        np.random.set_state(self.numpy)
-
-
-def _single_optimizer(module: pl.LightningModule) -> Optimizer:
-    config = module.configure_optimizers()
-    found: list[Any] = []
-
-    def collect(item: Any) -> None:
-        if isinstance(item, Optimizer):
-            found.append(item)
-        elif isinstance(item, dict):
-            collect(item.get("optimizer"))
-        elif isinstance(item, (list, tuple)):
-            # Lightning also accepts ([optimizers], [schedulers]): schedulers are not optimizers, skip them
-            for entry in item:
-                collect(entry)
-
-    collect(config)
-    name = type(module).__name__
-    if not found:
-        raise TypeError(f"{name}.configure_optimizers() returned no torch optimizer ({type(config).__name__}); "
-                        "suggest_learning_rate suggests a rate for the optimizer the module configures: return one.")
-    if len(found) > 1:
-        raise TypeError(f"{name} configures {len(found)} optimizers; which loss and which rate to suggest is not "
-                        "defined (a GAN's generator and discriminator minimize different losses). Call "
-                        "suggest_learning_rate on a module with one optimizer, e.g. a wrapper whose "
-                        "configure_optimizers returns the one to tune and whose probe_loss(batch) is its loss.")
-    return found[0]
-
-
-def _threshold_of_kind(kind: str, momentum: float, nesterov: bool, beta1: float) -> float:
-    if not isinstance(kind, str) or kind.lower() not in _KINDS:
-        raise ValueError(f"optimizer must be a torch optimizer or one of {list(_KINDS)}; got {kind!r}.")
-    if not 0 <= momentum < 1 or not 0 <= beta1 < 1:
-        raise ValueError(f"momentum and beta1 must lie in [0, 1); got momentum={momentum!r}, beta1={beta1!r}.")
-    if nesterov and (kind.lower() != "sgd" or momentum <= 0):
-        raise ValueError("nesterov=True needs optimizer='sgd' and momentum > 0 (e.g. 0.9).")
-    probe = [torch.nn.Parameter(torch.zeros(1))]
-    # the formulas live in stability_threshold: ask it about a throwaway optimizer of this kind
-    if kind.lower() == "sgd":
-        built: Optimizer = torch.optim.SGD(probe, lr=1.0, momentum=momentum, nesterov=nesterov)
-    else:
-        built = (torch.optim.Adam if kind.lower() == "adam" else torch.optim.AdamW)(probe, betas=(beta1, 0.999))
-    return float(stability_threshold(built))
-
-
-def _unknown_optimizer(optimizer: Optimizer) -> str:
-    return (f"{type(optimizer).__name__} has no known stability threshold; the curvature suggestion knows SGD (with "
-            "momentum or Nesterov), Adam, AdamW, RMSprop and Adagrad. Use Lightning's Tuner.lr_find for this one.")
-
-
-def _check_fraction(fraction: float) -> None:
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be a number in (0, 1] (the share of the largest stable rate); got "
-                         f"{fraction!r}. Pass e.g. 0.5.")
-
-
-def _describe(optimizer: Optimizer) -> str:
-    group = optimizer.param_groups[0]
-    name = type(optimizer).__name__
-    if isinstance(optimizer, torch.optim.SGD):
-        beta = float(group.get("momentum", 0.0))
-        if not beta:
-            return name
-        return f"{name}(momentum={beta:g}{', nesterov' if group.get('nesterov') else ''})"
-    if "betas" in group:
-        return f"{name}(beta1={float(group['betas'][0]):g})"
-    return name
-
-
-def _cycle(loader: Iterable[Any]) -> Iterator[Any]:
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:
-            raise ValueError("the training loader yielded no batch; give suggest_learning_rate a non-empty one.")
-
-
-def _prepare(module: pl.LightningModule, datamodule: Optional[pl.LightningDataModule], batch: Any,
-             device: torch.device) -> Any:
-    """The batch as a training step sees it: the transfer hooks Lightning would run (the module's if it overrides
-    them, else the datamodule's), around the move to the module's device."""
-    owner = module if is_overridden("on_before_batch_transfer", module) or datamodule is None else datamodule
-    batch = owner.on_before_batch_transfer(batch, 0)
-    batch = module.transfer_batch_to_device(batch, device, 0)
-    owner = module if is_overridden("on_after_batch_transfer", module) or datamodule is None else datamodule
-    return owner.on_after_batch_transfer(batch, 0)
-
-
-def _concatenate(batches: list[Any]) -> Any:
-    first = batches[0]
-    if isinstance(first, Tensor):
-        return torch.cat(batches) if first.ndim else first
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concatenate([b[i] for b in batches]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {key: _concatenate([b[key] for b in batches]) for key in first}
-    return first
