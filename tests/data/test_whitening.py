@@ -5,7 +5,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-import traincraft.data.image_datamodule as image_datamodule
+import traincraft.data._statistics_pass as statistics_pass
 from tests.data._synthetic import SyntheticRGB, correlated_rgb
 from tests.helpers import tiny_trainer
 from traincraft.data.digits import DigitsDataModule
@@ -85,7 +85,7 @@ def test_statistics_are_cached_on_disk_by_data(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("statistics recomputed although cached")
 
-    monkeypatch.setattr(image_datamodule, "moment_sums", fail)
+    monkeypatch.setattr(statistics_pass, "moment_sums", fail)
     again = DigitsDataModule(image_size=8, whitening="pca", statistics_cache=str(tmp_path))
     again.setup("fit")
     assert torch.equal(again.statistics["whitening_matrix"], first.statistics["whitening_matrix"])
@@ -148,4 +148,6 @@ def test_image_whitening_refuses_batches_of_another_size_and_eval_crop_is_checke
     with pytest.raises(ValueError, match="eval_crop must be 'auto', 'none' or a positive size"):
         SyntheticRGB(eval_crop=0)
     assert dm._eval_size == 6
-    assert SyntheticRGB(size=8, eval_crop="none", augment=alexnet(min_size=8, max_size=12, size=6))._resolve_eval_crop() is None
+    uncropped = SyntheticRGB(size=8, eval_crop="none", augment=alexnet(min_size=8, max_size=12, size=6))
+    uncropped.setup("fit")
+    assert uncropped._eval_size is None

@@ -6,12 +6,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
-import traincraft.data.image_datamodule as image_datamodule
+import traincraft.data._statistics_pass as statistics_pass
 from traincraft.data.digits import DigitsDataModule
 from traincraft.modules.classifier import ImageClassifier
 
 local_counts = []
-_moment_sums = image_datamodule.moment_sums
+_moment_sums = statistics_pass.moment_sums
 
 
 def recording_moment_sums(*args, **kwargs):
@@ -21,7 +21,7 @@ def recording_moment_sums(*args, **kwargs):
 
 
 def main(out: Path) -> None:
-    image_datamodule.moment_sums = recording_moment_sums
+    statistics_pass.moment_sums = recording_moment_sums
     pl.seed_everything(0)
     data = DigitsDataModule(image_size=8, batch_size=32, whitening="zca")
     model = ImageClassifier("mlp", num_classes=10, in_channels=1, input_size=8)

@@ -10,6 +10,7 @@ from traincraft.data.hard_example_sampler import HardExampleSampler
 from traincraft.data.image_datamodule import ImageDataModule, augmentation_seed
 from traincraft.data.image_folder import ImageFolderDataModule
 from traincraft.data.mnist import MNISTDataModule, read_idx
+from traincraft.data.normalization import Normalization
 from traincraft.data.optimize import optimize_image_folder
 from traincraft.data.statistics import channel_moments, moment_sums, statistics_from_sums, whitening_matrix
 from traincraft.data.streaming_image_datamodule import StreamingImageDataModule
@@ -23,6 +24,7 @@ __all__ = [
     "ImageDataModule",
     "ImageFolderDataModule",
     "MNISTDataModule",
+    "Normalization",
     "StreamingImageDataModule",
     "TensorImageDataset",
     "augmentation_seed",

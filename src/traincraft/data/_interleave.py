@@ -165,3 +165,14 @@ def deal_by_class(labels: torch.Tensor, num_replicas: int, generator: torch.Gene
     if total > n:
         dealt = dealt.repeat(math.ceil(total / n))[:total]
     return [dealt[r::num_replicas] for r in range(num_replicas)]
+
+
+class ClassOrder:
+    """Orders one rank's hard-example draw by class (:func:`interleave_order`), reproducibly per (epoch, rank):
+    the ``reorder`` of a :class:`~traincraft.data.HardExampleSampler` under ``sampler="class_interleaved"``."""
+
+    def __init__(self, labels: torch.Tensor, seed: int, spacing: str) -> None:
+        self.labels, self.seed, self.spacing = labels, seed, spacing
+
+    def __call__(self, indices: torch.Tensor, epoch: int, rank: int) -> torch.Tensor:
+        return indices[interleave_order(self.labels[indices], self.spacing, seeded_generator(self.seed, epoch, rank, 7))]

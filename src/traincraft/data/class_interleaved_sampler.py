@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Optional, Union
 
 import torch
-from torch.utils.data import DistributedSampler, Subset
+from torch.utils.data import DistributedSampler, IterableDataset, Subset
 
 from traincraft.data._interleave import SPACINGS, Spacing, deal_by_class, interleave_order, seeded_generator
 from traincraft.data._sampler import process_placement
@@ -101,6 +101,13 @@ class ClassInterleavedSampler(DistributedSampler):
         """The epoch and ``position`` (examples of it consumed on this rank; default: those yielded so far)."""
         return {"epoch": int(self.epoch), "position": int(self.position if position is None else position)}
 
+    def state_after(self, batches: int, batch_size: int, epoch_batches: int) -> dict[str, Any]:
+        """The state once ``batches`` batches of ``batch_size`` of this epoch's ``epoch_batches`` were processed;
+        after the last one, the top of the next epoch (``drop_last`` may leave a tail unvisited)."""
+        if batches >= epoch_batches:
+            return {"epoch": int(self.epoch) + 1, "position": 0}
+        return self.state_dict(position=batches * batch_size)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         epoch, position = int(state_dict["epoch"]), int(state_dict["position"])
         if epoch < 0 or position < 0:
@@ -123,6 +130,16 @@ def _as_labels(labels: Any) -> torch.Tensor:
         raise ValueError(f"labels must be integer class indices; got dtype {labels.dtype}. Pass class ids, not "
                          "one-hot or soft targets.")
     return labels.to(torch.int64)
+
+
+def check_interleavable(dataset: Any, owner: str) -> None:
+    """Refuse a training set that class-interleaved sampling cannot order: a stream, or one without labels."""
+    if isinstance(dataset, IterableDataset):
+        raise ValueError(
+            f"sampler='class_interleaved' orders a map-style training set, but {owner} "
+            "streams an iterable one (its order comes from the stream); use sampler='shuffle'."
+        )
+    dataset_labels(dataset)
 
 
 def dataset_labels(dataset: Any) -> torch.Tensor:
