@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -71,3 +72,21 @@ class TensorImageDataset(Dataset):
 def collate_batched(batch: Any) -> Any:
     """Collate for :class:`TensorImageDataset`: batches arrive already stacked, so pass them through."""
     return batch
+
+
+def holdout_splits(train: tuple[torch.Tensor, torch.Tensor], read_test: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+                   val_size: int, split_seed: int, num_classes: int) -> dict[str, TensorImageDataset]:
+    """``train``, ``val`` and ``test`` datasets from a file format's training ``(images, labels)`` and the reader of
+    its test ones (called once the split is known to be possible): the validation set is ``val_size`` training
+    examples drawn with ``split_seed``."""
+    images, labels = train
+    if val_size >= len(images):
+        raise ValueError(f"val_size={val_size} leaves no training images out of {len(images)}.")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(split_seed))
+    val, rest = order[:val_size], order[val_size:]
+    test_images_labels = read_test()
+    return {
+        "train": TensorImageDataset(images[rest], labels[rest], num_classes=num_classes),
+        "val": TensorImageDataset(images[val], labels[val], num_classes=num_classes),
+        "test": TensorImageDataset(*test_images_labels, num_classes=num_classes),
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import tarfile
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -9,7 +10,7 @@ from typing import Any, Literal, Optional
 import numpy as np
 import torch
 
-from traincraft.data._tensor_dataset import TensorImageDataset
+from traincraft.data._tensor_dataset import TensorImageDataset, holdout_splits
 from traincraft.data.download import download
 from traincraft.data.image_datamodule import ImageDataModule
 
@@ -107,13 +108,8 @@ class CIFARDataModule(ImageDataModule):
     def num_classes(self) -> int:
         return self._num_classes
 
-    @property
-    def in_channels(self) -> int:
-        return 3
-
-    @property
-    def image_size(self) -> int:
-        return 32
+    in_channels = 3
+    image_size = 32
 
     def default_augment(self):
         from traincraft.augment.presets import cifar
@@ -159,15 +155,5 @@ class CIFARDataModule(ImageDataModule):
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def build_datasets(self) -> dict[str, TensorImageDataset]:
-        images, labels = self._read("train")
-        if self.val_size >= len(images):
-            raise ValueError(f"val_size={self.val_size} leaves no training images out of {len(images)}.")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
-        val, train = order[: self.val_size], order[self.val_size :]
-        test_images, test_labels = self._read("test")
-        k = self._num_classes
-        return {
-            "train": TensorImageDataset(images[train], labels[train], num_classes=k),
-            "val": TensorImageDataset(images[val], labels[val], num_classes=k),
-            "test": TensorImageDataset(test_images, test_labels, num_classes=k),
-        }
+        train = self._read("train")
+        return holdout_splits(train, functools.partial(self._read, "test"), self.val_size, self.split_seed, self._num_classes)

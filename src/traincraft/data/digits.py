@@ -99,13 +99,8 @@ class DigitsDataModule(ImageDataModule):
         self.split_seed = split_seed
         self.train_fraction = train_fraction
 
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    @property
-    def in_channels(self) -> int:
-        return 1
+    num_classes = 10
+    in_channels = 1
 
     @property
     def image_size(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import struct
 import zlib
@@ -11,7 +12,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from traincraft.data._tensor_dataset import TensorImageDataset
+from traincraft.data._tensor_dataset import TensorImageDataset, holdout_splits
 from traincraft.data.download import download
 from traincraft.data.image_datamodule import ImageDataModule
 
@@ -107,17 +108,9 @@ class MNISTDataModule(ImageDataModule):
         self.root, self.download, self.url, self.val_size, self.split_seed = Path(root), download, url, val_size, split_seed
         self.checksums = {name: f"md5:{md5}" for name, md5 in _MD5.items()} | dict(checksums or {})
 
-    @property
-    def num_classes(self) -> int:
-        return 10
-
-    @property
-    def in_channels(self) -> int:
-        return 1
-
-    @property
-    def image_size(self) -> int:
-        return 28
+    num_classes = 10
+    in_channels = 1
+    image_size = 28
 
     def _file(self, name: str) -> Path:
         for candidate in (self.root / name, self.root / f"{name}.gz"):
@@ -150,14 +143,5 @@ class MNISTDataModule(ImageDataModule):
         return torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64))
 
     def build_datasets(self) -> dict[str, TensorImageDataset]:
-        images, labels = self._split("train")
-        if self.val_size >= len(images):
-            raise ValueError(f"val_size={self.val_size} leaves no training images out of {len(images)}.")
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.split_seed))
-        val, train = order[: self.val_size], order[self.val_size :]
-        test_images, test_labels = self._split("test")
-        return {
-            "train": TensorImageDataset(images[train], labels[train], num_classes=10),
-            "val": TensorImageDataset(images[val], labels[val], num_classes=10),
-            "test": TensorImageDataset(test_images, test_labels, num_classes=10),
-        }
+        train = self._split("train")
+        return holdout_splits(train, functools.partial(self._split, "test"), self.val_size, self.split_seed, num_classes=10)
