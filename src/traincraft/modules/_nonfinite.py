@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from traincraft._guard import BufferGuard, StepUndo
+from traincraft.modules._labels import label_message
 
 LOSS, LABELS, GRADS = 1, 2, 4  # bits of what was wrong in a step
 # slots of the int64 record
@@ -156,3 +157,33 @@ class NonFiniteGuard:
             total=ints[_TOTAL], since=ints[_SINCE], step=ints[_STEP], epoch=ints[_EPOCH], batch=ints[_BATCH],
             bits=ints[_BITS], all_bits=ints[_ALL_BITS], loss=values[9], label_low=ints[_LO], label_high=ints[_HI],
         )
+
+
+def act_on_report(report: NonFiniteReport, on_nonfinite: str, num_classes: Optional[int], when: str) -> None:
+    """What ImageClassifier does with a read record: out-of-range labels always raise; non-finite steps raise a
+    ``FloatingPointError``, warn or pass, as ``on_nonfinite`` says."""
+    if not report.since:
+        return
+    where = (f"optimizer step {report.step} (epoch {report.epoch}, batch {report.batch}){when}")
+    if report.all_bits & LABELS:
+        raise ValueError(
+            label_message(num_classes, report.label_low, report.label_high, "the training batches so far")
+            + f" {report.since} step(s) with bad labels or non-finite values were skipped since the last check, "
+            f"the first at {where}."
+        )
+    what = []
+    if report.bits & LOSS:
+        what.append(f"the training loss was {report.loss}")
+    if report.bits & GRADS:
+        what.append("a gradient was not finite (inf or nan)")
+    message = (
+        f"ImageClassifier skipped the update of {where}: {' and '.join(what) or 'it was not finite'}. "
+        f"{report.since} step(s) were skipped since the last check, {report.total} in this fit; the weights and "
+        "optimizer state are those of before each skipped step. Lower the learning rate, add traincraft's "
+        "GradientClipping callback, check the inputs for non-finite values, or set on_nonfinite='warn' or "
+        "'skip' to train on past such steps."
+    )
+    if on_nonfinite == "raise":
+        raise FloatingPointError(message)
+    if on_nonfinite == "warn":
+        warnings.warn(message, stacklevel=3)

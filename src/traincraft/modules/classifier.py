@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-import random
-import warnings
 from typing import Any, Literal, Optional, Union
 
 import lightning.pytorch as pl
-import numpy as np
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
-from torchmetrics.classification import MulticlassAccuracy
 
 from traincraft._steps import completed_step_is_logging
 from traincraft.augment.tta import MultiCropAveraging
-from traincraft.models import build_model
-from traincraft.modules._nonfinite import GRADS, LABELS, LOSS, NonFiniteGuard, NonFiniteReport
+from traincraft.modules._checkpoint import check_same_model, rng_states, set_rng_states
+from traincraft.modules._construction import accuracy_metrics, check_arguments, check_tta, make_model
+from traincraft.modules._labels import EvalLabelRange, check_label_format, label_message
+from traincraft.modules._nonfinite import NonFiniteGuard, act_on_report
 from traincraft.modules.param_groups import apply_lr_multipliers, layerwise_param_groups
 
 _RNG_KEY = "traincraft_rng_states"
-_POLICIES = ("raise", "warn", "skip")
 
 
 def _is_empty(batch: Any) -> bool:
@@ -133,29 +130,8 @@ class ImageClassifier(pl.LightningModule):
         # Objects are not hyperparameters: a module or an optimizer factory would not load with weights_only.
         # Under `traincraft fit` the full configuration is saved and logged by the CLI instead.
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "test_time_augmentation", *(["model"] if isinstance(model, nn.Module) else [])])
-        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
-            raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
-        if on_nonfinite not in _POLICIES:
-            raise ValueError(
-                f"on_nonfinite must be one of {', '.join(map(repr, _POLICIES))}; got {on_nonfinite!r}. 'raise' stops "
-                "the fit at the next logging step after a non-finite step, 'warn' and 'skip' go on past it."
-            )
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1); got {label_smoothing}.")
-        if not callable(optimizer):
-            raise TypeError(
-                f"optimizer must be a callable that takes parameter groups (an optimizer class or a "
-                f"functools.partial of one); got {optimizer!r}."
-            )
-        if scheduler is not None and not callable(scheduler):
-            raise TypeError(f"scheduler must be a callable that takes the optimizer; got {scheduler!r}.")
-        if isinstance(model, str):
-            model = self._build_named(model, num_classes, in_channels, input_size, model_kwargs or {})
-        elif not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a model name, a dotted class path or an nn.Module; got {type(model).__name__}.")
-        elif model_kwargs:
-            raise ValueError("model_kwargs apply only to a model built by name; configure the nn.Module directly.")
-        self.model = model
+        check_arguments(num_classes, on_nonfinite, label_smoothing, optimizer, scheduler)
+        self.model = make_model(model, num_classes, in_channels, input_size, model_kwargs)
         self.num_classes = num_classes
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -167,12 +143,8 @@ class ImageClassifier(pl.LightningModule):
         self._guard = NonFiniteGuard()
         self._batch_labels: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         self._batch_idx = 0
-        self._eval_labels: Optional[torch.Tensor] = None
-        if test_time_augmentation is not None and not isinstance(test_time_augmentation, MultiCropAveraging):
-            raise TypeError(
-                "test_time_augmentation must be a traincraft.augment.tta.MultiCropAveraging; got "
-                f"{type(test_time_augmentation).__name__}."
-            )
+        self._eval_labels = EvalLabelRange()
+        check_tta(test_time_augmentation)
         self.test_time_augmentation = test_time_augmentation
         if lr_multipliers:  # fail at construction, not at the first fit, on patterns that match nothing
             layerwise_param_groups(self.model, self.lr_multipliers)
@@ -180,25 +152,8 @@ class ImageClassifier(pl.LightningModule):
         if num_classes is not None:
             self._build_metrics(num_classes)
 
-    @staticmethod
-    def _build_named(name: str, num_classes, in_channels, input_size, kwargs: dict[str, Any]) -> nn.Module:
-        if num_classes is None:
-            raise ValueError(
-                f"num_classes is required to build model {name!r} by name (traincraft fit links it from the data)."
-            )
-        given = {"num_classes": num_classes, "in_channels": in_channels, "input_size": input_size}
-        clash = sorted(set(given) & set(kwargs))
-        if clash:
-            raise ValueError(f"give {clash} as ImageClassifier arguments, not in model_kwargs.")
-        model = build_model(name, **kwargs, **{k: v for k, v in given.items() if v is not None})
-        return model
-
     def _build_metrics(self, num_classes: int) -> None:
-        # validate_args=False: the argument checks read tensor values, a host sync on every step.
-        for stage in ("train", "val", "test"):
-            self.metrics[f"{stage}_acc"] = MulticlassAccuracy(num_classes, top_k=1, validate_args=False)
-            if num_classes > 5:
-                self.metrics[f"{stage}_acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, validate_args=False)
+        self.metrics.update(accuracy_metrics(num_classes))
 
     # ----------------------------------------------------------------- set up against the data
     def setup(self, stage: str) -> None:
@@ -293,20 +248,7 @@ class ImageClassifier(pl.LightningModule):
     def _checked_labels(self, targets: Any, batch: int, stage: str) -> torch.Tensor:
         """Labels as int64 class indices, clamped into ``[0, num_classes)`` so that the loss cannot fail on them;
         out-of-range ones are flagged on the device (see the class docstring)."""
-        if not isinstance(targets, torch.Tensor):
-            raise TypeError(f"labels must be a tensor of class indices; got {type(targets).__name__}. Return "
-                            "(images, labels) batches with int64 labels of shape (batch,).")
-        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-            raise TypeError(
-                f"labels must be integer class indices in [0, {self.num_classes}); got dtype {targets.dtype}. "
-                "Convert class indices with labels.long(); for one-hot or soft labels pass labels.argmax(1), or "
-                "override per_example_loss for soft targets."
-            )
-        if targets.shape != (batch,):
-            hint = " (one-hot labels? pass labels.argmax(1))" if targets.ndim == 2 and targets.shape[0] == batch else ""
-            raise ValueError(f"labels must have shape ({batch},), one class index per image; got shape "
-                             f"{tuple(targets.shape)}{hint}.")
-        targets = targets.long()
+        targets = check_label_format(targets, batch, self.num_classes)
         high = self.num_classes - 1
         bad = ((targets < 0) | (targets > high)).any()
         if stage == "train" and not self._guard.attached and targets.numel():
@@ -314,22 +256,12 @@ class ImageClassifier(pl.LightningModule):
             low_seen, high_seen = torch.aminmax(targets)
             low_seen, high_seen = int(low_seen), int(high_seen)
             if low_seen < 0 or high_seen > high:
-                raise ValueError(self._label_message(low_seen, high_seen, "this training batch"))
+                raise ValueError(label_message(self.num_classes, low_seen, high_seen, "this training batch"))
         if stage == "train":
             self._batch_labels = (bad, targets)
-        elif self._eval_labels is not None and targets.numel():
-            low_seen, high_seen = torch.aminmax(targets)
-            rec = self._eval_labels
-            torch.minimum(rec[0], low_seen, out=rec[0])
-            torch.maximum(rec[1], high_seen, out=rec[1])
+        else:
+            self._eval_labels.note(targets)
         return targets.clamp(0, high)
-
-    def _label_message(self, low: int, high: int, where: str) -> str:
-        return (
-            f"labels must lie in [0, {self.num_classes}) for num_classes={self.num_classes}; found labels in "
-            f"[{low}, {high}] in {where}. Set num_classes to the data's number of classes (more than {high}), or fix the "
-            "labels (class indices start at 0)."
-        )
 
     # ----------------------------------------------------------------- the non-finite guard
     def on_train_start(self) -> None:
@@ -351,66 +283,28 @@ class ImageClassifier(pl.LightningModule):
         if self._guard.attached and completed_step_is_logging(self.trainer):
             report = self._guard.read()  # sync point: logging step only
             self.log("train/nonfinite_steps", float(report.total), on_step=True, on_epoch=False, batch_size=1)
-            self._act(report, "")
+            act_on_report(report, self.on_nonfinite, self.num_classes, "")
 
     def on_train_end(self) -> None:
         if self._guard.attached:
             report = self._guard.read()  # sync point: the end of the fit, for steps after the last logging step
             self._guard.detach()
-            self._act(report, " (after the last logging step)")
+            act_on_report(report, self.on_nonfinite, self.num_classes, " (after the last logging step)")
 
     def teardown(self, stage: str) -> None:
         self._guard.detach()
 
-    def _act(self, report: NonFiniteReport, when: str) -> None:
-        if not report.since:
-            return
-        where = (f"optimizer step {report.step} (epoch {report.epoch}, batch {report.batch}){when}")
-        if report.all_bits & LABELS:
-            raise ValueError(
-                self._label_message(report.label_low, report.label_high, "the training batches so far")
-                + f" {report.since} step(s) with bad labels or non-finite values were skipped since the last check, "
-                f"the first at {where}."
-            )
-        what = []
-        if report.bits & LOSS:
-            what.append(f"the training loss was {report.loss}")
-        if report.bits & GRADS:
-            what.append("a gradient was not finite (inf or nan)")
-        message = (
-            f"ImageClassifier skipped the update of {where}: {' and '.join(what) or 'it was not finite'}. "
-            f"{report.since} step(s) were skipped since the last check, {report.total} in this fit; the weights and "
-            "optimizer state are those of before each skipped step. Lower the learning rate, add traincraft's "
-            "GradientClipping callback, check the inputs for non-finite values, or set on_nonfinite='warn' or "
-            "'skip' to train on past such steps."
-        )
-        if self.on_nonfinite == "raise":
-            raise FloatingPointError(message)
-        if self.on_nonfinite == "warn":
-            warnings.warn(message, stacklevel=2)
-
-    def _start_eval_labels(self) -> None:
-        self._eval_labels = torch.tensor([2**62, -(2**62)], device=self.device)
-
-    def _end_eval_labels(self, stage: str) -> None:
-        if self._eval_labels is None:
-            return
-        low, high = self._eval_labels.tolist()  # sync point: once per evaluation epoch
-        self._eval_labels = None
-        if low <= high and (low < 0 or high >= self.num_classes):  # low > high: no labelled batch
-            raise ValueError(self._label_message(low, high, f"the {stage} data"))
-
     def on_validation_epoch_start(self) -> None:
-        self._start_eval_labels()
+        self._eval_labels.start(self.device)
 
     def on_validation_epoch_end(self) -> None:
-        self._end_eval_labels("validation")
+        self._eval_labels.end(self.num_classes, "validation")
 
     def on_test_epoch_start(self) -> None:
-        self._start_eval_labels()
+        self._eval_labels.start(self.device)
 
     def on_test_epoch_end(self) -> None:
-        self._end_eval_labels("test")
+        self._eval_labels.end(self.num_classes, "test")
 
     def validation_step(self, batch: Any, batch_idx: int) -> Optional[dict[str, torch.Tensor]]:
         return None if _is_empty(batch) else self.shared_step(batch, "val")
@@ -439,40 +333,11 @@ class ImageClassifier(pl.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        np_state = np.random.get_state()
-        checkpoint[_RNG_KEY] = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            # plain types and tensors only, so the checkpoint loads with weights_only=True
-            "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(int, np_state[2:4]), float(np_state[4])),
-            "python": random.getstate(),
-        }
+        checkpoint[_RNG_KEY] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_checkpoint_matches(checkpoint.get("state_dict", {}), checkpoint.get("hyper_parameters", {}))
+        check_same_model(self.state_dict(), checkpoint.get("state_dict", {}), checkpoint.get("hyper_parameters", {}))
         states = checkpoint.get(_RNG_KEY)
         # Every DDP rank would get rank 0's states; restore only where they are this process's own.
         if states is not None and (self._trainer is None or self.trainer.world_size == 1):
-            torch.set_rng_state(states["torch"])
-            if states["cuda"] and torch.cuda.is_available():
-                torch.cuda.set_rng_state_all(states["cuda"])
-            name, keys, pos, has_gauss, cached = states["numpy"]
-            np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-            version, internal, gauss = states["python"]
-            random.setstate((version, tuple(internal), gauss))
-
-    def _check_checkpoint_matches(self, state_dict: dict[str, torch.Tensor], hparams: dict[str, Any]) -> None:
-        own = {k: v.shape for k, v in self.state_dict().items()}
-        theirs = {k: v.shape for k, v in state_dict.items()}
-        missing = sorted(set(own) - set(theirs))
-        unexpected = sorted(set(theirs) - set(own))
-        mismatched = [f"{k}: checkpoint {tuple(theirs[k])} vs model {tuple(own[k])}" for k in own if k in theirs and theirs[k] != own[k]]
-        if missing or unexpected or mismatched:
-            described = {k: hparams[k] for k in ("model", "num_classes", "model_kwargs") if k in hparams}
-            raise ValueError(
-                "the checkpoint holds a different model than this ImageClassifier"
-                + (f" (it was saved with {described})" if described else "")
-                + f": {len(missing)} missing keys {missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}, "
-                f"{len(mismatched)} shape mismatches {mismatched[:5]}. Build the same model (name, num_classes, "
-                "model_kwargs) as the run that saved it."
-            )
+            set_rng_states(states)
