@@ -651,3 +651,11 @@ def test_nan_batch_keeps_batchnorm_and_the_gan_discriminator_on_gpu(fused):
     assert all(torch.equal(buf0[n], buf1[n]) for n in buf0 if n.startswith("D."))
     assert all(torch.equal(par0[n], par1[n]) for n in par0 if n.startswith("D."))
     _same_state(opt0[1], opt1[1])
+
+
+def test_the_norm_all_reduce_is_a_no_op_without_a_group_or_a_process_group():
+    from traincraft.strategies._collectives import all_reduce_
+
+    t = torch.tensor([1.0, 2.0])
+    assert all_reduce_(t, "sum", None) is t and t.tolist() == [1.0, 2.0]
+    assert all_reduce_(t, "max", object()) is t and t.tolist() == [1.0, 2.0]  # torch.distributed not initialized

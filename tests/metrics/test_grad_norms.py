@@ -16,6 +16,7 @@ from traincraft.metrics.grad_norms import (
     quantile_threshold,
     tensor_norms,
     unitwise_norm,
+    warmup_moments,
     zscore_threshold,
 )
 
@@ -97,6 +98,17 @@ def test_ema_moments_and_zscore_threshold_follow_the_recurrence():
         v = 0.9 * v + 0.1 * (x - m) ** 2
     assert math.isclose(float(mean), m, rel_tol=1e-12) and math.isclose(float(var), v, rel_tol=1e-12)
     assert math.isclose(float(zscore_threshold(mean, var, 2.5)), m + 2.5 * math.sqrt(v), rel_tol=1e-12)
+
+
+def test_warmup_moments_are_numpys_mean_and_population_variance():
+    values = np.array([[0.5, 3.0], [1.5, 3.0], [4.0, 3.0]])
+    total, total_sq = torch.tensor(values.sum(0)), torch.tensor((values**2).sum(0))
+    mean, var = warmup_moments(total, total_sq, torch.tensor([3.0, 3.0]))
+    np.testing.assert_allclose(mean.numpy(), values.mean(0))
+    np.testing.assert_allclose(var.numpy(), values.var(0), atol=1e-12)  # a constant column: exactly 0, not < 0
+    assert (var >= 0).all()
+    mean, var = warmup_moments(torch.zeros(1), torch.zeros(1), torch.zeros(1))  # nothing seen yet: zeros, not NaN
+    assert mean.tolist() == [0.0] and var.tolist() == [0.0]
 
 
 def test_depth_slope_is_the_least_squares_slope_of_log_norms():
