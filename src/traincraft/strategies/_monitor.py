@@ -120,13 +120,16 @@ class StrategyMonitor(Callback):
         if not self._log_pending:
             return
         self._log_pending = False
-        metrics: dict[str, float] = {k: float(v) for k, v in self.strategy.ledger.metrics().items()}
+        counts = self.strategy.ledger.metrics()
+        metrics: dict[str, float] = {k: float(v) for k, v in counts.items()}
         if self.strategy.step_times or self.strategy.sync_state is not None:  # the same decision on every rank
             metrics.update(self._gathered_metrics())
         self._reset_interval()
         self.last_metrics = metrics
         for key, value in metrics.items():
-            pl_module.log(key, value, on_step=True, on_epoch=False, sync_dist=False)
+            # byte counts in float64: exact, where self.log's float32 would round counts above 2**24
+            logged = torch.tensor(value, dtype=torch.float64, device=pl_module.device) if key in counts else value
+            pl_module.log(key, logged, on_step=True, on_epoch=False, sync_dist=False)
 
     def _gathered_metrics(self) -> dict[str, float]:
         """Step-time spread and noise scale from every rank's figures: one gather, on logging steps only."""
