@@ -218,8 +218,8 @@ def test_sync_batchnorm_converts_over_the_group_it_is_given(group_of_one):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
     synced = GroupSyncBatchNorm(group_of_one).apply(model)
     assert isinstance(synced[1], torch.nn.SyncBatchNorm) and synced[1].process_group is group_of_one
-    replace_sync_batchnorm(synced, CommunicationLedger(), 1, group_of_one)
-    assert isinstance(synced[1], GlooSyncBatchNorm) and synced[1].group is group_of_one
+    replace_sync_batchnorm(synced, CommunicationLedger())
+    assert isinstance(synced[1], GlooSyncBatchNorm) and synced[1].group is group_of_one and synced[1].world_size == 1
     x = torch.randn(4, 1, 5, 5)
     torch.testing.assert_close(synced(x), torch.nn.functional.batch_norm(
         synced[0](x), None, None, synced[1].weight, synced[1].bias, training=True))

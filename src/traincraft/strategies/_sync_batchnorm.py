@@ -24,17 +24,18 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     Per channel, each rank contributes (Σx, Σx², count) in float64 to one all-reduce of 2C+1 elements (and one
     more in the backward pass): the statistics of the global batch, as ``nn.SyncBatchNorm`` computes them.
-    Created from an ``nn.SyncBatchNorm`` (sharing its parameters and buffers) by the strategies on CPU only.
+    Created from an ``nn.SyncBatchNorm`` (sharing its parameters and buffers, and synchronizing over its process
+    group, ``None`` for the whole world) by the strategies on CPU only.
     """
 
-    def __init__(self, source: nn.SyncBatchNorm, ledger: CommunicationLedger, world_size: int,
-                 group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, source: nn.SyncBatchNorm, ledger: CommunicationLedger) -> None:
         super().__init__(source.num_features, source.eps, source.momentum, source.affine, source.track_running_stats)
         self.weight, self.bias = source.weight, source.bias
         self.running_mean, self.running_var = source.running_mean, source.running_var
         self.num_batches_tracked = source.num_batches_tracked
         self.training = source.training
-        self.ledger, self.world_size, self.group = ledger, world_size, group
+        self.ledger, self.group = ledger, source.process_group
+        self.world_size = dist.get_world_size(self.group) if dist.is_initialized() else 1
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -65,13 +66,13 @@ class GlooSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return out
 
 
-def replace_sync_batchnorm(module: nn.Module, ledger: CommunicationLedger, world_size: int,
-                           group: Optional[dist.ProcessGroup] = None) -> nn.Module:
-    """Swap every ``nn.SyncBatchNorm`` in ``module`` (in place) for a :class:`GlooSyncBatchNorm` over ``group``."""
+def replace_sync_batchnorm(module: nn.Module, ledger: CommunicationLedger) -> nn.Module:
+    """Swap every ``nn.SyncBatchNorm`` in ``module`` (in place) for a :class:`GlooSyncBatchNorm` over the same
+    process group (the group is chosen once, where the layer sync converts the batch norms)."""
     if isinstance(module, nn.SyncBatchNorm):
-        return GlooSyncBatchNorm(module, ledger, world_size, group)
+        return GlooSyncBatchNorm(module, ledger)
     for name, child in module.named_children():
-        module.add_module(name, replace_sync_batchnorm(child, ledger, world_size, group))
+        module.add_module(name, replace_sync_batchnorm(child, ledger))
     return module
 
 

@@ -153,7 +153,7 @@ class DataParallelStrategy(MonitoredStrategy):
     def configure_ddp(self) -> None:
         if self.root_device.type == "cpu":
             # torch's SyncBatchNorm (what Trainer(sync_batchnorm=True) installs) only runs on GPUs
-            replace_sync_batchnorm(self.model, self.ledger, self.world_size)
+            replace_sync_batchnorm(self.model, self.ledger)
         super().configure_ddp()
         model = self.model
         assert isinstance(model, DistributedDataParallel)

@@ -251,7 +251,7 @@ class ColumnParallelStrategy(MonitoredStrategy):
         assert self.mesh is not None and self._data_group is not None
         if self.root_device.type == "cpu":
             # torch's SyncBatchNorm (what sync_batchnorm=True installs) only runs on GPUs
-            replace_sync_batchnorm(self.model, self.ledger, self.mesh.data_size, self._data_group)
+            replace_sync_batchnorm(self.model, self.ledger)  # over the data group chosen in setup
         if self.mesh.data_size == 1:
             return  # every column exists once: no gradients to average
         self.model = DistributedDataParallel(
