@@ -178,7 +178,7 @@ class StreamingImageDataModule(ImageDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(self.metadata("train")["classes"])
+        return len(self.classes)
 
     @property
     def in_channels(self) -> int:
