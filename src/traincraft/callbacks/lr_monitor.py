@@ -214,7 +214,7 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
 
     def state_dict(self) -> dict[str, Any]:
         if not self._oscillations:
-            return {}
+            return dict(self._pending_state)  # loaded, not yet applied (at train start): saved again as it came
         return {f"tracker{i}": oscillation.state_dict() for i, oscillation in enumerate(self._oscillations.values())}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
