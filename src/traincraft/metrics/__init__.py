@@ -25,6 +25,15 @@ from traincraft.metrics.grad_norms import (
     unitwise_norm,
     zscore_threshold,
 )
+from traincraft.metrics.hard_examples import (
+    cap_probabilities,
+    epoch_generator,
+    fill_unseen,
+    hard_example_probabilities,
+    sample_indices,
+    sampling_summary,
+    update_loss_ema,
+)
 from traincraft.metrics.hessian import (
     directional_curvature,
     hessian_vector_operator,
@@ -43,6 +52,11 @@ from traincraft.metrics.moments import (
     saturated_fraction,
     saturation_threshold,
 )
+from traincraft.metrics.noise_scale import (
+    gradient_variance_estimate,
+    simple_noise_scale,
+    squared_gradient_norm_estimate,
+)
 from traincraft.metrics.updates import (
     adam_effective_lr,
     sign_flip_fraction,
@@ -58,6 +72,7 @@ __all__ = [
     "adam_effective_lr",
     "agc_coefficient",
     "batchnorm_gap",
+    "cap_probabilities",
     "channel_moments",
     "channel_percentiles",
     "clip_coefficient",
@@ -65,8 +80,12 @@ __all__ = [
     "depth_slope",
     "directional_curvature",
     "ema_moments",
+    "epoch_generator",
+    "fill_unseen",
     "gaussian_kernel",
     "gaussian_w2",
+    "gradient_variance_estimate",
+    "hard_example_probabilities",
     "hessian_vector_operator",
     "hutchinson_trace",
     "ks_pvalues",
@@ -82,14 +101,19 @@ __all__ = [
     "power_iteration",
     "quantile_threshold",
     "random_splits",
+    "sample_indices",
+    "sampling_summary",
     "saturated_fraction",
     "saturation_threshold",
     "sign_flip_fraction",
+    "simple_noise_scale",
+    "squared_gradient_norm_estimate",
     "stability_threshold",
     "tensor_norms",
     "unitwise_norm",
     "update_agreement",
     "update_cosine",
+    "update_loss_ema",
     "update_weight_ratio",
     "zscore_threshold",
 ]
