@@ -97,8 +97,6 @@ _RESUME_XFAIL: dict[str, str] = {
                         "cannot handle fails before an epoch is spent (docs/learning-rate.md; asserted by "
                         "test_curvature.py::test_the_eigenvector_is_checkpointed_and_warm_starts_after_resume): one "
                         "probe more than an uninterrupted run",
-    "HardExampleMining": "callbacks/hard_example_mining.py (not changed here): its loss_ema at step 8 differs after "
-                         "a resume at step 6",
 }
 
 

@@ -84,6 +84,37 @@ def test_state_dict_round_trip_reproduces_the_draws():
         HardExampleSampler(range(21)).load_state_dict(state)
 
 
+def test_a_checkpoint_inside_an_epoch_keeps_its_loss_sums():
+    losses = torch.linspace(0.1, 4.0, 20)
+    straight = HardExampleSampler(range(20), seed=3, warmup_epochs=0, decay=0.5)
+    straight.record(torch.arange(10), losses[:10])
+    state = straight.state_dict()  # written between two batches of epoch 0
+    assert state["epoch_sums"].shape == (20, 3)
+    straight.record(torch.arange(10, 20), losses[10:])
+    straight.refresh()
+    resumed = HardExampleSampler(range(20), seed=3, warmup_epochs=0, decay=0.5)
+    resumed.load_state_dict(state)
+    assert resumed.finish_restored_epoch(current_epoch=0) is None  # the epoch goes on: its end folds the sums in
+    resumed.record(torch.arange(10, 20), losses[10:])
+    resumed.refresh()
+    assert torch.equal(resumed.loss_ema, straight.loss_ema) and torch.equal(resumed.probabilities, straight.probabilities)
+    # Lightning resumes a checkpoint after an epoch's last batch at the next epoch, without that epoch's end hook
+    after_last_batch = HardExampleSampler(range(20), seed=3, warmup_epochs=0, decay=0.5)
+    after_last_batch.load_state_dict({**state, "epoch_sums": straight_sums(losses)})
+    assert after_last_batch.finish_restored_epoch(current_epoch=1) == {"examples_drawn": 20, "nonfinite": 0}
+    assert torch.equal(after_last_batch.loss_ema, straight.loss_ema)
+    # a state written at an epoch's end (or by 0.2.0) has no sums; several processes save none either
+    legacy = {key: value for key, value in state.items() if key != "epoch_sums"}
+    HardExampleSampler(range(20)).load_state_dict(legacy)
+    assert "epoch_sums" not in HardExampleSampler(range(20), num_replicas=2, rank=0).state_dict()
+    with pytest.raises(ValueError, match=r"epoch sums have shape \(20, 2\)"):
+        HardExampleSampler(range(20)).load_state_dict({**state, "epoch_sums": torch.zeros(20, 2)})
+
+
+def straight_sums(losses):
+    return torch.stack([losses, torch.ones_like(losses), torch.zeros_like(losses)], dim=1)
+
+
 def test_refresh_sums_over_ranks_with_the_given_reduction():
     sampler = HardExampleSampler(range(3), num_replicas=2, rank=0, decay=0.0, warmup_epochs=0)
     sampler.record(torch.tensor([0, 2]), torch.tensor([1.0, 3.0]))

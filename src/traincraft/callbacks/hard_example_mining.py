@@ -155,6 +155,7 @@ class HardExampleMining(Callback):
                 "self._loader('train', train=True), or pass self._train_sampler as the DataLoader's sampler."
             )
         self.sampler.to(pl_module.device)
+        self.sampler.finish_restored_epoch(trainer.current_epoch)  # a checkpoint after an epoch's last batch
         if self._labels is not None:
             self._labels = self._labels.to(pl_module.device)
 

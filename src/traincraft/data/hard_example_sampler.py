@@ -8,6 +8,7 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DistributedSampler
 
 from traincraft.data._sampler import process_placement
@@ -100,6 +101,7 @@ class HardExampleSampler(DistributedSampler):
         self._version = 0  # bumped whenever the probabilities change; part of the draw cache key
         self._draw: Optional[tuple[tuple[int, int], torch.Tensor]] = None
         self._accumulator: Optional[torch.Tensor] = None  # (N, 3): loss sum, finite count, non-finite count
+        self._restored_epoch: Optional[int] = None  # the epoch of loss sums a checkpoint brought back
         # Optional reordering of this rank's share of a draw, (indices, epoch, rank) -> the same indices in another
         # order: ImageDataModule(sampler="class_interleaved") sets one that interleaves the classes.
         self.reorder: Optional[Callable[[torch.Tensor, int, int], torch.Tensor]] = None
@@ -187,6 +189,16 @@ class HardExampleSampler(DistributedSampler):
         self._update_probabilities()
         return {"examples_drawn": int((counts > 0).sum()), "nonfinite": int(nonfinite.sum())}
 
+    def finish_restored_epoch(self, current_epoch: int) -> Optional[dict[str, int]]:
+        """After a resume: fold the restored loss sums in if their epoch is over. Lightning resumes a checkpoint
+        written after an epoch's last batch at the next epoch, without that epoch's end hook; a checkpoint inside
+        an epoch resumes that epoch, whose end folds the sums in as usual. Returns :meth:`refresh`'s summary when it
+        folded (one process only: such sums are saved only there)."""
+        restored, self._restored_epoch = self._restored_epoch, None
+        if restored is None or current_epoch <= restored:
+            return None
+        return self.refresh(reduce=lambda tensor: tensor)
+
     def _update_probabilities(self) -> None:
         self._probabilities = hard_example_probabilities(
             self.loss_ema, self.cap, self.uniform_mix, self.temperature, seen=self.seen
@@ -195,8 +207,15 @@ class HardExampleSampler(DistributedSampler):
 
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The loss averages and the epoch: with the seed they fix every later draw."""
-        return {"loss_ema": self.loss_ema.clone(), "seen": self.seen.clone(), "epoch": int(self.epoch)}
+        """The loss averages and the epoch: with the seed they fix every later draw. A checkpoint written inside an
+        epoch (``ModelCheckpoint(every_n_train_steps=...)``) also carries the epoch's loss sums so far, which are
+        folded into the averages after a resume as they would have been without one (:meth:`finish_restored_epoch`).
+        Only in one process: under several, each rank holds its own share of the sums and a checkpoint keeps rank
+        0's, so a resume continues from the averages of the last completed epoch."""
+        state = {"loss_ema": self.loss_ema.clone(), "seen": self.seen.clone(), "epoch": int(self.epoch)}
+        if self._accumulator is not None and self.num_replicas == 1:
+            state["epoch_sums"] = self._accumulator.to("cpu", copy=True)  # sync point: checkpoints only
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         loss_ema, seen = state_dict["loss_ema"], state_dict["seen"]
@@ -209,4 +228,17 @@ class HardExampleSampler(DistributedSampler):
         self.loss_ema = loss_ema.detach().float().cpu().clone()
         self.seen = seen.detach().bool().cpu().clone()
         self.set_epoch(int(state_dict.get("epoch", self.epoch)))
+        sums = state_dict.get("epoch_sums")  # absent in checkpoints written at an epoch's end or before 0.3.0
+        if sums is not None and self.num_replicas > 1:  # every rank would add the same sums: count them once, never
+            sums = None
+            rank_zero_warn("HardExampleSampler: the checkpoint was written inside an epoch by one process; its loss "
+                           "sums of that epoch are left out under several processes (the averages continue from the "
+                           "last completed epoch).")
+        if sums is not None:
+            if tuple(sums.shape) != (self.num_examples, 3):
+                raise ValueError(f"the checkpoint's hard-example epoch sums have shape {tuple(sums.shape)}; expected "
+                                 f"({self.num_examples}, 3). The checkpoint was not written by this version's sampler.")
+            device = self._accumulator.device if self._accumulator is not None else "cpu"
+            self._accumulator = sums.detach().float().to(device, copy=True)
+            self._restored_epoch = self.epoch
         self._update_probabilities()

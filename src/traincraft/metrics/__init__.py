@@ -23,6 +23,7 @@ from traincraft.metrics.grad_norms import (
     quantile_threshold,
     tensor_norms,
     unitwise_norm,
+    warmup_moments,
     zscore_threshold,
 )
 from traincraft.metrics.hard_examples import (
@@ -115,5 +116,6 @@ __all__ = [
     "update_cosine",
     "update_loss_ema",
     "update_weight_ratio",
+    "warmup_moments",
     "zscore_threshold",
 ]
