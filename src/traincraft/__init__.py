@@ -12,4 +12,4 @@ from traincraft.checkpoint import CheckpointError, SafeCheckpointIO, verify_chec
 
 __all__ = ["CheckpointError", "SafeCheckpointIO", "verify_checkpoint"]
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

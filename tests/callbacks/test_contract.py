@@ -100,10 +100,21 @@ _RESUME_XFAIL: dict[str, str] = {
 }
 
 
-@pytest.mark.parametrize("cls", CALLBACKS, ids=lambda c: c.__name__)
-def test_a_restored_callback_goes_on_as_an_uninterrupted_one(cls, tmp_path):
-    if cls.__name__ in _RESUME_XFAIL:
-        pytest.xfail(_RESUME_XFAIL[cls.__name__])  # listed above: skip the slow fits, the reason is on record
+# Beyond the defaults: settings whose state only matters when they are on (the governor's decisions from warm-up
+# on, the monitor's update extras; both compare each update with the previous one, which the checkpoint carries).
+_CONFIGURED = [
+    pytest.param(lambda: callbacks.LearningRateGovernor(warmup_steps=2), id="LearningRateGovernor(warmup_steps=2)"),
+    pytest.param(lambda: callbacks.LearningRateMonitor(log_update_ratio=True, log_oscillation=True),
+                 id="LearningRateMonitor(update_ratio,oscillation)"),
+]
+
+
+@pytest.mark.parametrize("make", [pytest.param(cls, id=cls.__name__) for cls in CALLBACKS] + _CONFIGURED)
+def test_a_restored_callback_goes_on_as_an_uninterrupted_one(make, tmp_path):
+    name = getattr(make, "__name__", "")
+    if name in _RESUME_XFAIL:
+        pytest.xfail(_RESUME_XFAIL[name])  # listed above: skip the slow fits, the reason is on record
+    cls = make
 
     def loggers(name, memory):
         return [CSVLogger(str(tmp_path), name=name), memory]

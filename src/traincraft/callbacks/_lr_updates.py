@@ -118,6 +118,22 @@ class UpdateTracker:
             for (flat, _), params in zip(self.previous, self.params, strict=False)
         ])
 
+    def state_dict(self) -> dict[str, Any]:
+        """The latest update per group (one fp32 copy of the weights) and its squared norms: what the first
+        comparison after a resume needs to give the cosine an uninterrupted run gives."""
+        return {"previous": [flat.to("cpu", copy=True) for flat, _ in self.previous],  # sync point: checkpoints only
+                "squares": [square.to("cpu", copy=True) for square in self.squares], "has_update": self.has_update}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        shapes = [tuple(flat.shape) for flat, _ in self.previous]
+        if [tuple(t.shape) for t in state["previous"]] != shapes:
+            raise ValueError(f"the checkpoint's last update has group sizes {[tuple(t.shape) for t in state['previous']]}"
+                             f" but this optimizer's groups have {shapes}: it was saved for another model or grouping.")
+        for (flat, _), saved in zip(self.previous, state["previous"], strict=True):
+            flat.copy_(saved)
+        self.squares = [saved.to(self.device, copy=True) for saved in state["squares"]]
+        self.has_update = bool(state["has_update"])
+
     # ------------------------------------------------------------------------------- shared use through hooks
     def _pre_hook(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         if any(reader.wants_step() for reader in self.readers.values()):

@@ -107,6 +107,8 @@ class LearningRateGovernor(Callback):
         self._handles: list[RemovableHandle] = []
         self._last_decision_step = -1
         self._seen_probes = 0
+        self._pending_oscillations: dict[str, Any] = {}  # loaded before on_train_start attached the trackers
+        self._pending_updates: dict[str, Any] = {}
 
     @property
     def state_key(self) -> str:
@@ -122,15 +124,20 @@ class LearningRateGovernor(Callback):
         self._names, self._oscillations = {}, {}
         self._last_decision_step = -1
         self._seen_probes = 0
-        for optimizer, names in group_names(trainer):
+        for index, (optimizer, names) in enumerate(group_names(trainer)):
             key = id(optimizer)
             self._names[key] = [name.removeprefix("lr-") for name in names]
             # shared with a LearningRateMonitor of the same trainer: one copy of the weights for both
             self._trackers[key], self._oscillations[key] = attach(self, optimizer, lambda: True, self.ema)
+            if f"opt{index}" in self._pending_oscillations:  # a resumed fit decides from the same averages
+                self._oscillations[key].load_state_dict(self._pending_oscillations[f"opt{index}"])
+            if f"opt{index}" in self._pending_updates:  # and compares its first update with the saved last one
+                self._trackers[key].load_state_dict(self._pending_updates[f"opt{index}"])
             for name in self._names[key]:
                 self.factors.setdefault(name, 1.0)
             self._handles.append(optimizer.register_step_pre_hook(self._before_step))
             self._handles.append(optimizer.register_step_post_hook(self._after_step))
+        self._pending_oscillations, self._pending_updates = {}, {}
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         key = id(optimizer)
@@ -195,9 +202,16 @@ class LearningRateGovernor(Callback):
         self._handles = []
 
     def state_dict(self) -> dict[str, Any]:
-        return {"factors": dict(self.factors), "decisions": self.decisions}
+        oscillations = {f"opt{index}": oscillation.state_dict()
+                        for index, oscillation in enumerate(self._oscillations.values())} or self._pending_oscillations
+        updates = {f"opt{index}": tracker.state_dict()
+                   for index, tracker in enumerate(self._trackers.values())} or self._pending_updates
+        return {"factors": dict(self.factors), "decisions": self.decisions, "oscillations": dict(oscillations),
+                "updates": dict(updates)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.factors = {str(k): float(v) for k, v in state_dict.get("factors", {}).items()}
         self.decisions = int(state_dict.get("decisions", 0))
+        self._pending_oscillations = dict(state_dict.get("oscillations", {}))  # both absent before 0.3.0
+        self._pending_updates = dict(state_dict.get("updates", {}))
 

@@ -133,6 +133,8 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
             oscillation = oscillation or tracker.follow(self.oscillation_ema)  # never fed: a checkpoint of zeros
             if f"tracker{index}" in self._pending_state:
                 oscillation.load_state_dict(self._pending_state[f"tracker{index}"])
+            if f"update{index}" in self._pending_state:  # the first comparison after a resume needs the last update
+                tracker.load_state_dict(self._pending_state[f"update{index}"])
             self._trackers[id(optimizer)] = tracker
             self._oscillations[id(optimizer)] = oscillation
         self._pending_state = {}
@@ -215,7 +217,10 @@ class LearningRateMonitor(_LightningLearningRateMonitor):
     def state_dict(self) -> dict[str, Any]:
         if not self._oscillations:
             return dict(self._pending_state)  # loaded, not yet applied (at train start): saved again as it came
-        return {f"tracker{i}": oscillation.state_dict() for i, oscillation in enumerate(self._oscillations.values())}
+        state = {f"tracker{i}": oscillation.state_dict() for i, oscillation in enumerate(self._oscillations.values())}
+        if self.log_oscillation and self._trackers:  # the latest update: one fp32 copy of the weights per optimizer
+            state.update({f"update{i}": tracker.state_dict() for i, tracker in enumerate(self._trackers.values())})
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._pending_state = dict(state_dict)
