@@ -372,3 +372,24 @@ def test_the_record_is_in_the_zip_comment_of_an_unchanged_torch_archive(tmp_path
     raw = buffer.getvalue()
     assert data[: len(raw) - 2] == raw[:-2]  # byte for byte torch.save's output, then the comment
     assert _digest_by_hand(path) == hashlib.sha256(raw[:-2]).hexdigest()
+
+
+def test_load_from_checkpoint_verifies_the_file_first(tmp_path):
+    from traincraft.data import DigitsDataModule
+    from traincraft.modules import ImageClassifier
+
+    model = ImageClassifier("mlp", num_classes=10, in_channels=1, input_size=8, model_kwargs={"hidden": [16]})
+    datamodule = DigitsDataModule(image_size=8, batch_size=32)
+    trainer = tiny_trainer(max_steps=2, plugins=[SafeCheckpointIO()], default_root_dir=tmp_path)
+    trainer.fit(model, datamodule=datamodule)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = ImageClassifier.load_from_checkpoint(path)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values(), strict=True))
+    assert DigitsDataModule.load_from_checkpoint(path).batch_size == 32
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of tensor data
+    path.write_bytes(bytes(data))
+    for cls in (ImageClassifier, DigitsDataModule):  # refused before anything is unpickled, naming the file
+        with pytest.raises(CheckpointError, match=rf"Checkpoint {re.escape(str(path))} is damaged"):
+            cls.load_from_checkpoint(path)

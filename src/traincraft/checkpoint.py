@@ -40,7 +40,7 @@ from traincraft._checkpoint_format import (
     _recorded_digest,
 )
 
-__all__ = ["CheckpointError", "SafeCheckpointIO", "seal", "verify_checkpoint"]
+__all__ = ["CheckpointError", "SafeCheckpointIO", "VerifiedLoading", "seal", "verify_checkpoint"]
 
 _LISTED = 5  # other checkpoints verified and listed in an error message
 
@@ -188,6 +188,30 @@ def verify_checkpoint(path: _PATH, require_record: bool = False) -> Optional[str
         raise _refuse(path, "carries no integrity record (it was not saved by SafeCheckpointIO) and "
                             "require_record=True")
     return digest
+
+
+class VerifiedLoading:
+    """Mixin for a ``LightningModule`` or ``LightningDataModule``: ``load_from_checkpoint`` verifies the file with
+    :func:`verify_checkpoint` before anything unpickles it, as the Trainer does with :class:`SafeCheckpointIO`.
+
+    Put it first among the bases: ``class MyModule(VerifiedLoading, LightningModule)``. ``ImageClassifier`` and
+    ``ImageDataModule`` do. An open file object is passed on unverified (it cannot be read twice).
+
+    Example:
+        >>> from lightning.pytorch import LightningModule
+        >>> class Net(VerifiedLoading, LightningModule):
+        ...     pass
+        >>> Net.load_from_checkpoint("missing.ckpt")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        traincraft.checkpoint.CheckpointError: Checkpoint missing.ckpt does not exist...
+    """
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        if not hasattr(checkpoint_path, "read"):
+            verify_checkpoint(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)  # type: ignore[misc]
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

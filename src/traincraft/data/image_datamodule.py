@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from traincraft.checkpoint import VerifiedLoading
 from traincraft.data._interleave import ClassOrder
 from traincraft.data._options import check_options
 from traincraft.data._pipeline import (
@@ -46,7 +47,7 @@ __all__ = ["ImageDataModule", "augmentation_seed"]
 Split = Literal["train", "val", "test", "predict"]
 
 
-class ImageDataModule(pl.LightningDataModule):
+class ImageDataModule(VerifiedLoading, pl.LightningDataModule):
     """Base class of traincraft's image DataModules.
 
     The loaders yield compact ``uint8`` images ``(N, C, H, W)`` and ``int64`` labels. After Lightning moves a batch

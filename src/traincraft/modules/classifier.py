@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from traincraft._steps import completed_step_is_logging
 from traincraft.augment.tta import MultiCropAveraging
+from traincraft.checkpoint import VerifiedLoading
 from traincraft.modules._checkpoint import check_same_model, rng_states, set_rng_states
 from traincraft.modules._construction import accuracy_metrics, check_arguments, check_tta, make_model
 from traincraft.modules._labels import EvalLabelRange, check_label_format, label_message
@@ -28,7 +29,7 @@ def _is_empty(batch: Any) -> bool:
     return isinstance(images, torch.Tensor) and images.ndim > 0 and images.shape[0] == 0
 
 
-class ImageClassifier(pl.LightningModule):
+class ImageClassifier(VerifiedLoading, pl.LightningModule):
     """Image classification around any model: loss, top-1/top-5 accuracy, optimizers and per-layer rates.
 
     The model is a registered name (``"alexnet"``, ``"alexnet_two_column"``, ``"convnet"``, ``"mlp"``), a dotted
