@@ -103,6 +103,13 @@ def read_wandb_records(run_dir: Path) -> list:
 
 
 def wandb_history(run_dir: Path) -> list[dict[str, str]]:
+    """The history rows of a finished offline run. Finishes any open run and stops the W&B service first: the
+    service has written the whole run file only once it is gone (reading earlier can find it empty)."""
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()
     rows = []
     for record in read_wandb_records(run_dir):
         if record.WhichOneof("record_type") == "history":

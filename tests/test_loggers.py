@@ -48,6 +48,7 @@ def test_offline_unless_credentials_and_wandb_mode_always_wins(tmp_path, monkeyp
 
 
 def test_images_and_histograms_reach_wandb_and_tensorboard_files(tmp_path):
+    wandb.teardown()  # a fresh W&B service: one an earlier test left behind may not write this run's file
     wb = WandbLogger(save_dir=str(tmp_path))
     tb = TensorBoardLogger(str(tmp_path), name="tb")
     trainer = SimpleNamespace(global_step=5, loggers=[CSVLogger(str(tmp_path)), tb, wb])
